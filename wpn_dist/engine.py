@@ -1,0 +1,68 @@
+"""The DeepSpeed engine: its config (a JSON file from ds_configs/ with the run's numbers filled in)
+and ``deepspeed.initialize``."""
+import copy
+import json
+import os
+
+from . import distributed
+from .config import ConfigError
+
+DS_CONFIG_DIR = os.environ.get("WPN_DIST_DS_CONFIGS",
+                               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs"))
+
+
+def read_ds_config(name_or_path: str) -> dict:
+    path = name_or_path if name_or_path.endswith(".json") else os.path.join(DS_CONFIG_DIR, f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(DS_CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(DS_CONFIG_DIR) else []
+        raise ConfigError(f"--ds_config {name_or_path}: no such file (named configs: {', '.join(known)})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds_config {path}: not valid JSON ({e})") from None
+
+
+def _fill(node, values: dict, path=""):
+    """Replace every "auto" in ``node`` by ``values[key]``; a key with no value is an error."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if value == "auto":
+                if key not in values:
+                    raise ConfigError(f"ds_config: no value for \"auto\" at {path}{key}")
+                node[key] = values[key]
+            else:
+                _fill(value, values, f"{path}{key}.")
+
+
+def build_ds_config(train, lr: float, world_size: int) -> dict:
+    """The DeepSpeed config of the run: batch sizes, lr schedule, clipping and precision come from the
+    run config, never from editing the JSON."""
+    config = copy.deepcopy(read_ds_config(train.ds_config))
+    values = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "lr": lr, "warmup_max_lr": lr, "weight_decay": train.weight_decay,
+        "warmup_num_steps": max(1, train.warmup_steps), "total_num_steps": max(train.steps, train.warmup_steps + 1),
+        "enabled": train.precision == "bf16",
+    }
+    _fill(config, values)
+    if distributed.on_cpu():
+        # No JIT-compiled optimizers on CPU: DeepSpeed's FusedAdam/CPUAdam builds take minutes there.
+        config.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = True
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def initialize(model, ds_config: dict):
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, optimizer, scheduler)."""
+    import deepspeed
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+    return engine, optimizer, scheduler

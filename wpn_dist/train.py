@@ -1,0 +1,212 @@
+"""Entry point: ``deepspeed wpn_dist/train.py [--config run.yaml] [--option value ...]``
+(or ``python wpn_dist/train.py`` as one process).
+
+With no options it runs the embedded default: the toy world's implanted model is unlearned with WPN
+under ZeRO-3 and evaluated before and after on held-out prompts.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the package importable from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from wpn_dist import distributed, toy
+from wpn_dist.config import ConfigError, RunConfig, parse_config
+from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, \
+    read_pku_saferlhf
+
+TOY_LR = 1e-4
+DEFAULT_LR = 1e-5
+
+
+def resolve_defaults(cfg: RunConfig) -> None:
+    """Options whose default depends on the run: the toy world's tiny model wants larger steps."""
+    is_toy = cfg.model.model == "toy"
+    if cfg.train.lr is None:
+        cfg.train.lr = TOY_LR if is_toy else DEFAULT_LR
+    if cfg.method.positive_lm_weight is None:
+        cfg.method.positive_lm_weight = 1.0 if is_toy else 0.0
+    if is_toy and cfg.data.data != "toy":
+        raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
+
+
+def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
+    """Read, validate and encode the unlearning data. Returns (encoded examples, notes for the log)."""
+    data = cfg.data
+    fmt = data.data_format
+    if data.data == "toy":
+        examples = [toy_row_to_example(i, row) for i, row in enumerate(world.unlearning_rows())]
+        fmt, skipped = "toy", 0
+    else:
+        if fmt == "auto":
+            fmt = detect_format(data.data)
+        if fmt == "jsonl":
+            examples, skipped = read_jsonl(data.data), 0
+        else:
+            examples, skipped = read_pku_saferlhf(data.data, data.data_split)
+    encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
+                                                  data.overlong, source=data.data)
+    notes = f"{len(encoded)} examples from {data.data} ({fmt})"
+    if skipped or dropped or truncated:
+        notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong, " \
+                 f"{truncated} responses truncated to --max_length {data.max_length}"
+    return encoded, notes
+
+
+def toy_row_to_example(index: int, row: dict):
+    from wpn_dist.data import Example
+    return Example(index, row["prompt"], row["harmless"], row["harmful"])
+
+
+def prepare_run_dir(cfg: RunConfig) -> str:
+    """Choose the run directory (same on every rank) and refuse to clobber an existing run."""
+    out = cfg.train.output_dir
+    if out is None:
+        stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+        out = os.path.join("runs", f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
+    if os.path.isdir(out) and os.listdir(out) and not cfg.train.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {out} already holds a run; choose another or pass --overwrite_output_dir")
+    cfg.train.output_dir = out
+    return out
+
+
+def batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def main(argv=None) -> dict:
+    # 1. Options, model name and data are validated before anything is started or written.
+    try:
+        cfg = parse_config(argv)
+        resolve_defaults(cfg)
+        world = toy.make_world(toy.ToyWorldConfig(seed=cfg.data.toy_seed)) if cfg.data.data == "toy" else None
+        from wpn_dist import models
+        if cfg.model.model == "toy":
+            tokenizer = toy.make_tokenizer(world)
+        else:
+            tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
+        encoded, data_notes = load_data(cfg, tokenizer, world)
+    except (ConfigError, DataError) as e:
+        distributed.fail(str(e))
+
+    # 2. Process group, run directory, resolved config.
+    distributed.init()
+    try:
+        run_dir = prepare_run_dir(cfg)
+    except ConfigError as e:
+        distributed.fail(str(e))
+    if distributed.is_main():
+        if cfg.train.overwrite_output_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    distributed.print0(f"wpn_dist: run directory {run_dir}; world size {distributed.world_size()}; {data_notes}")
+
+    # 3. The toy world's base model is implanted once (rank 0) and cached.
+    model_name = cfg.model.model
+    if model_name == "toy":
+        implant_cfg = toy.ImplantConfig()
+        model_name = toy.implant_dir(world.config, implant_cfg)
+        if distributed.is_main() and not os.path.isdir(model_name):
+            distributed.print0(f"wpn_dist: implanting the toy model (once; cached in {model_name})")
+            toy.implant(world, implant_cfg, model_name, log=distributed.print0)
+        distributed.barrier()
+
+    # 4. Engine. Under ZeRO-3 the HfDeepSpeedConfig must exist while from_pretrained runs, so that
+    #    weights are partitioned as they load instead of materialising whole on every rank.
+    from wpn_dist import engine as engine_lib, models
+    from wpn_dist.metrics import RunLogger, memory_gib
+    ds_config = engine_lib.build_ds_config(cfg.train, cfg.train.lr, distributed.world_size())
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    hf_ds_config = None
+    if engine_lib.zero_stage(ds_config) == 3 and cfg.model.model_init == "pretrained":
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
+    model = models.load_model(model_name, tokenizer, cfg.model.model_init, dtype, cfg.train.seed)
+    if cfg.train.activation_checkpointing:
+        # Non-reentrant: works with one packed forward per step and ZeRO-3's gradient hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    engine, _, _ = engine_lib.initialize(model, ds_config)
+    device = engine.device
+
+    # 5. Evaluation before unlearning.
+    results = {}
+    if cfg.eval.evaluate and world is not None:
+        from wpn_dist.evaluate import evaluate_toy
+        results["before"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
+                                         cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+
+    # 6. The loop: one packed forward, the loss, backward, step; metrics every log_every steps.
+    from wpn_dist.losses import wpn_terms
+    sampler = ShardedSampler(len(encoded), cfg.train.micro_batch_size, distributed.rank(),
+                             distributed.world_size(), cfg.train.seed)
+    logger = RunLogger(run_dir, cfg.train.steps, distributed.is_main())
+    epoch, queue = 0, []
+    window_start, window_tokens, total_tokens = time.time(), 0, 0
+    started = time.time()
+    last_loss = float("nan")
+    engine.train()
+    for step in range(1, cfg.train.steps + 1):
+        for _ in range(cfg.train.gradient_accumulation_steps):
+            if not queue:
+                queue = sampler.micro_batches(epoch)
+                epoch += 1
+            batch = batch_to(pack_batch([encoded[i] for i in queue.pop(0)], tokenizer.pad_token_id), device)
+            terms = wpn_terms(engine, batch, cfg.method)
+            engine.backward(terms["loss/total"])
+            engine.step()
+            window_tokens += int(batch["attention_mask"].sum())
+        logger.advance()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            # Collectives: every rank reaches this at the same steps.
+            row = {name: distributed.all_reduce_mean(value.item()) for name, value in terms.items()}
+            seconds = time.time() - window_start
+            tokens = distributed.all_reduce_mean(window_tokens) * distributed.world_size()
+            steps_in_window = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
+            row.update({"lr": engine.get_lr()[0], "step_time(s)": seconds / steps_in_window,
+                        "throughput(tokens/s)": tokens / seconds, **memory_gib()})
+            last_loss = row["loss/total"]
+            if not torch.isfinite(torch.tensor(last_loss)):
+                distributed.fail(f"non-finite loss {last_loss} at step {step}", code=3)
+            logger.log(step, row)
+            total_tokens += tokens
+            window_start, window_tokens = time.time(), 0
+    logger.close()
+    wall_seconds = time.time() - started
+
+    # 7. Evaluation after, summary.
+    if cfg.eval.evaluate and world is not None:
+        results["after"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
+                                        cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+    summary = {"method": cfg.method.method, "model": cfg.model.model, "world_size": distributed.world_size(),
+               "steps": cfg.train.steps, "tokens": int(total_tokens), "wall_seconds": round(wall_seconds, 2),
+               "final_loss": last_loss, "evaluation": results or None}
+    if distributed.is_main():
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if results:
+            print(format_table(results), flush=True)
+        print(f"wpn_dist: done in {wall_seconds:.0f}s; summary in {os.path.join(run_dir, 'summary.json')}", flush=True)
+    return summary
+
+
+def format_table(results: dict) -> str:
+    def cell(r):
+        return f"{100 * r['rate']:5.1f}% [{100 * r['low']:.0f}-{100 * r['high']:.0f}]"
+    lines = ["", f"{'':34}{'before':>18}{'after':>18}"]
+    for key, label in [("harmless_rate", "harmless rate, held-out prompts"), ("qa_accuracy", "normal-QA accuracy")]:
+        lines.append(f"{label:34}{cell(results['before'][key]):>18}{cell(results['after'][key]):>18}")
+    n = results["after"]["harmless_rate"]["n"], results["after"]["qa_accuracy"]["n"]
+    lines.append(f"({n[0]} held-out harmful prompts, {n[1]} QA prompts; 95% bootstrap intervals)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
