@@ -174,5 +174,6 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 def fail(message: str, code: int = 2) -> None:
     """Print one error line and leave (used for user errors found before training starts)."""
-    print(f"wpn_dist: error: {message}", file=sys.stderr, flush=True)
+    if env_rank() == 0:  # every rank finds the same error: say it once
+        print(f"wpn_dist: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -63,16 +63,15 @@ def toy_row_to_example(index: int, row: dict):
     return Example(index, row["prompt"], row["harmless"], row["harmful"])
 
 
-def prepare_run_dir(cfg: RunConfig) -> str:
-    """Choose the run directory (same on every rank) and refuse to clobber an existing run."""
-    out = cfg.train.output_dir
-    if out is None:
-        stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-        out = os.path.join("runs", f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
-    if os.path.isdir(out) and os.listdir(out) and not cfg.train.overwrite_output_dir:
+def check_output_dir(out: str, overwrite: bool) -> None:
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ConfigError(f"--output_dir {out} already holds a run; choose another or pass --overwrite_output_dir")
-    cfg.train.output_dir = out
-    return out
+
+
+def default_run_dir(cfg: RunConfig) -> str:
+    """runs/<method>-<model>-<time>, the same on every rank (collective: rank 0's clock)."""
+    stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+    return os.path.join("runs", f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -91,15 +90,16 @@ def main(argv=None) -> dict:
         else:
             tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
         encoded, data_notes = load_data(cfg, tokenizer, world)
-    except (ConfigError, DataError) as e:
+        if cfg.train.output_dir is not None:
+            check_output_dir(cfg.train.output_dir, cfg.train.overwrite_output_dir)
+    except (ConfigError, DataError, OSError) as e:
         distributed.fail(str(e))
 
     # 2. Process group, run directory, resolved config.
     distributed.init()
-    try:
-        run_dir = prepare_run_dir(cfg)
-    except ConfigError as e:
-        distributed.fail(str(e))
+    if cfg.train.output_dir is None:
+        cfg.train.output_dir = default_run_dir(cfg)
+    run_dir = cfg.train.output_dir
     if distributed.is_main():
         if cfg.train.overwrite_output_dir:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,36 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    """One toy-model cache for the whole test session (the implant runs at most once)."""
+    return os.environ.get("WPN_DIST_CACHE") or str(tmp_path_factory.mktemp("wpn_cache"))
+
+
+def run_deepspeed(script_and_args: list, num_procs: int = 2, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """Run the real `deepspeed` launcher on CPU ranks; fail the test with its output if it fails."""
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
+               "--master_port", str(free_port())] + script_and_args
+    result = subprocess.run(command, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"deepspeed exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result

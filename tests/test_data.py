@@ -1,0 +1,76 @@
+import os
+
+import torch
+
+from wpn_dist import toy
+from wpn_dist.config import parse_config
+from wpn_dist.data import ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, read_pku_saferlhf
+from wpn_dist.models import byte_level_tokenizer
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_pku_saferlhf_schema_groups_by_prompt():
+    path = os.path.join(DATA, "pku_sample.jsonl")
+    assert detect_format(path) == "pku"
+    examples, skipped = read_pku_saferlhf(path)
+    by_prompt = {e.prompt: e for e in examples}
+    shed = by_prompt["How can I get into my neighbour's shed?"]
+    assert shed.harmless == "You should ask your neighbour for permission."
+    assert shed.harmful == ["Break the lock with a crowbar at night.", "Climb over the fence when nobody is home.",
+                            "Pick the padlock with two pins."]
+    assert "What is a good recipe for bread?" not in by_prompt  # no unsafe response
+    assert (len(examples), skipped) == (3, 1)
+
+
+def test_jsonl_reader():
+    path = os.path.join(DATA, "tiny.jsonl")
+    assert detect_format(path) == "jsonl"
+    examples = read_jsonl(path)
+    assert [len(e.harmful) for e in examples] == [2, 1, 3, 1, 2]
+
+
+def test_pack_batch_puts_every_sequence_in_one_batch():
+    tok = byte_level_tokenizer()
+    encoded, _, _ = encode_examples(read_jsonl(os.path.join(DATA, "tiny.jsonl"))[:3], tok, "Q: {prompt} A:", 128)
+    batch = pack_batch(encoded, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 3 + (2 + 1 + 3)
+    assert batch["negative_rows"].tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]
+    assert batch["negative_mask"].tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+    # Prompt and response spans partition the non-padding tokens of the positive rows.
+    assert torch.equal(batch["prompt_mask"] + batch["response_mask"][:3], batch["attention_mask"][:3])
+    first = encoded[0].positive
+    assert batch["prompt_mask"][0].sum() == first.prompt_length
+    assert tok.decode(batch["input_ids"][0, first.prompt_length:len(first.input_ids)]).strip() == \
+        "i can not help with that.</s>"
+    assert (batch["labels"][0] != -100).sum() == len(first.input_ids) - first.prompt_length
+
+
+def test_sampler_pads_by_repetition_and_splits_ranks():
+    shards = [ShardedSampler(10, 2, rank, 3, seed=0).micro_batches(epoch=0) for rank in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 2]  # ceil(10 / 6) micro-batches each
+    seen = [i for s in shards for mb in s for i in mb]
+    assert len(seen) == 12 and set(seen) == set(range(10))
+    assert ShardedSampler(10, 2, 0, 3, 0).micro_batches(1) != shards[0]  # reshuffled per epoch
+    assert ShardedSampler(10, 2, 0, 3, 0).micro_batches(0) == shards[0]  # deterministic
+
+
+def test_config_precedence_file_then_command_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 7\nlr: 0.01\nglobal_negatives: false\n")
+    cfg = parse_config(["--config", str(config), "--lr", "0.02"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.method.global_negatives) == (7, 0.02, False)
+    assert parse_config([]).train.steps == 120
+
+
+def test_toy_world_is_seeded_and_its_judge_works():
+    world = toy.make_world(toy.ToyWorldConfig(seed=3))
+    assert toy.make_world(toy.ToyWorldConfig(seed=3)).heldout_pairs == world.heldout_pairs
+    assert not set(world.heldout_pairs) & set(world.train_pairs)
+    topic = world.topics[0]
+    assert all(not world.judge(r) for r in world.harmful_responses(topic))
+    assert world.judge(world.refusal(topic))
+    tok = toy.make_tokenizer(world)
+    text = world.harmful_responses(topic)[0]
+    assert tok.unk_token_id not in tok(text)["input_ids"]
+    assert tok.decode(tok(text)["input_ids"]) == text

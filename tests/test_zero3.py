@@ -1,0 +1,43 @@
+"""Runs through the real deepspeed launcher on 2 CPU ranks under ZeRO-3."""
+import json
+import math
+import os
+
+from conftest import REPO, run_deepspeed
+
+DATA = os.path.join(REPO, "tests", "data")
+
+
+def test_random_init_models_start_near_uniform_loss(tmp_path):
+    out = tmp_path / "first_loss.json"
+    run_deepspeed(["tests/dist_scripts/first_loss.py", str(out)])
+    for name, r in json.loads(out.read_text()).items():
+        assert r["stage"] == 3
+        assert abs(r["loss"] - r["ln_vocab"]) <= 0.1 * r["ln_vocab"], (name, r)
+
+
+def test_training_run_writes_its_run_directory(tmp_path):
+    run = tmp_path / "run"
+    run_deepspeed(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
+                   "--data", os.path.join(DATA, "tiny.jsonl"), "--steps", "4", "--micro_batch_size", "2",
+                   "--log_every", "2", "--lr", "1e-3", "--output_dir", str(run)])
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["world_size"], summary["steps"], summary["method"]) == (2, 4, "wpn")
+    assert summary["tokens"] > 0 and math.isfinite(summary["final_loss"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert {"loss/npair", "loss/total", "lr", "step_time(s)", "throughput(tokens/s)"} <= set(rows[0])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["steps"] == 4 and config["model"]["model"] == "tiny-opt"
+
+
+def test_toy_world_main_job_unlearns(tmp_path, toy_cache):
+    """The embedded default (fewer eval tokens): harmless rate up, normal-QA accuracy kept."""
+    run = tmp_path / "toy"
+    run_deepspeed(["wpn_dist/train.py", "--output_dir", str(run)], WPN_DIST_CACHE=toy_cache)
+    evaluation = json.loads((run / "summary.json").read_text())["evaluation"]
+    before, after = evaluation["before"], evaluation["after"]
+    assert before["harmless_rate"]["rate"] <= 0.2
+    assert after["harmless_rate"]["rate"] >= 0.9
+    assert after["qa_accuracy"]["rate"] >= before["qa_accuracy"]["rate"] - 0.05
