@@ -26,11 +26,13 @@ def toy_cache(tmp_path_factory):
     return os.environ.get("WPN_DIST_CACHE") or str(tmp_path_factory.mktemp("wpn_cache"))
 
 
-def run_deepspeed(script_and_args: list, num_procs: int = 2, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """Run the real `deepspeed` launcher on CPU ranks; fail the test with its output if it fails."""
+def run_deepspeed(script_and_args: list, num_procs: int = 2, timeout: int = 600, check: bool = True,
+                  **env) -> subprocess.CompletedProcess:
+    """Run the real `deepspeed` launcher on CPU ranks; unless check=False, fail the test with its output
+    if it fails."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
                "--master_port", str(free_port())] + script_and_args
     result = subprocess.run(command, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         pytest.fail(f"deepspeed exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

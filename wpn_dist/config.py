@@ -100,12 +100,21 @@ class TrainArguments:
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and initialisation."})
     log_every: int = field(default=10, metadata={"help": "Steps between log rows."})
+    save_every: int = field(default=0, metadata={"help": "Steps between checkpoints (0: only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest complete checkpoints kept (0: all)."})
+    resume: str = field(default="never", metadata={
+        "help": "'auto': continue from the newest complete checkpoint in --output_dir if there is one; "
+                "a checkpoint directory: continue from it; 'never': start afresh."})
+    export_hf: bool = field(default=True, metadata={
+        "help": "At the end, write the model in Hugging Face format (16-bit safetensors) to <output_dir>/hf."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignore."})
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.resume not in ("never", "auto") and not os.path.isdir(self.resume):
+            raise ConfigError(f"--resume must be 'never', 'auto' or a checkpoint directory; {self.resume!r} is none")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
 

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable fr
 
 import torch
 
-from wpn_dist import distributed, toy
+from wpn_dist import distributed, faults, toy
 from wpn_dist.config import ConfigError, RunConfig, parse_config
 from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, \
     read_pku_saferlhf
@@ -63,9 +63,10 @@ def toy_row_to_example(index: int, row: dict):
     return Example(index, row["prompt"], row["harmless"], row["harmful"])
 
 
-def check_output_dir(out: str, overwrite: bool) -> None:
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConfigError(f"--output_dir {out} already holds a run; choose another or pass --overwrite_output_dir")
+def check_output_dir(out: str, overwrite: bool, resume: str) -> None:
+    if os.path.isdir(out) and os.listdir(out) and not overwrite and resume == "never":
+        raise ConfigError(f"--output_dir {out} already holds a run; continue it with --resume auto, "
+                          f"choose another directory, or pass --overwrite_output_dir")
 
 
 def default_run_dir(cfg: RunConfig) -> str:
@@ -76,6 +77,25 @@ def default_run_dir(cfg: RunConfig) -> str:
 
 def batch_to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+class DataCursor:
+    """Where the loop is in the data: epoch and micro-batches consumed in it. With the sampler's
+    deterministic per-epoch order this is all a resumed run needs to see the same batches."""
+
+    def __init__(self, sampler: ShardedSampler, epoch: int = 0, index: int = 0):
+        self.sampler, self.epoch, self.index = sampler, epoch, index
+        self._order = sampler.micro_batches(epoch)
+
+    def next(self) -> list:
+        if self.index == len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self.sampler.micro_batches(self.epoch)
+        self.index += 1
+        return self._order[self.index - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
 
 
 def main(argv=None) -> dict:
@@ -91,7 +111,7 @@ def main(argv=None) -> dict:
             tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
         encoded, data_notes = load_data(cfg, tokenizer, world)
         if cfg.train.output_dir is not None:
-            check_output_dir(cfg.train.output_dir, cfg.train.overwrite_output_dir)
+            check_output_dir(cfg.train.output_dir, cfg.train.overwrite_output_dir, cfg.train.resume)
     except (ConfigError, DataError, OSError) as e:
         distributed.fail(str(e))
 
@@ -106,6 +126,7 @@ def main(argv=None) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
+    distributed.barrier()
     distributed.print0(f"wpn_dist: run directory {run_dir}; world size {distributed.world_size()}; {data_notes}")
 
     # 3. The toy world's base model is implanted once (rank 0) and cached.
@@ -120,7 +141,7 @@ def main(argv=None) -> dict:
 
     # 4. Engine. Under ZeRO-3 the HfDeepSpeedConfig must exist while from_pretrained runs, so that
     #    weights are partitioned as they load instead of materialising whole on every rank.
-    from wpn_dist import engine as engine_lib, models
+    from wpn_dist import checkpoint, engine as engine_lib, models
     from wpn_dist.metrics import RunLogger, memory_gib
     ds_config = engine_lib.build_ds_config(cfg.train, cfg.train.lr, distributed.world_size())
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -136,30 +157,48 @@ def main(argv=None) -> dict:
     engine, _, _ = engine_lib.initialize(model, ds_config)
     device = engine.device
 
-    # 5. Evaluation before unlearning.
-    results = {}
-    if cfg.eval.evaluate and world is not None:
+    # 5. Resume, or evaluate before unlearning.
+    sampler = ShardedSampler(len(encoded), cfg.train.micro_batch_size, distributed.rank(),
+                             distributed.world_size(), cfg.train.seed)
+    cursor, first_step, results = DataCursor(sampler), 1, {}
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = checkpoint.newest_complete(run_dir, log=distributed.print0)
+    elif cfg.train.resume != "never":
+        problem = checkpoint.problem_with(cfg.train.resume)
+        if problem:
+            distributed.fail(f"--resume {cfg.train.resume}: {problem}")
+        resume_from = cfg.train.resume
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from)
+        cursor = DataCursor(sampler, state["epoch"], state["index"])
+        first_step, results = state["step"] + 1, state.get("results", {})
+        distributed.print0(f"wpn_dist: resumed from {resume_from} at step {state['step']}")
+    elif cfg.eval.evaluate and world is not None:
         from wpn_dist.evaluate import evaluate_toy
         results["before"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
                                          cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
 
-    # 6. The loop: one packed forward, the loss, backward, step; metrics every log_every steps.
+    # 6. The loop: one packed forward, the loss, backward, step; metrics every log_every steps;
+    #    a checkpoint every save_every steps and at the end.
     from wpn_dist.losses import wpn_terms
-    sampler = ShardedSampler(len(encoded), cfg.train.micro_batch_size, distributed.rank(),
-                             distributed.world_size(), cfg.train.seed)
     logger = RunLogger(run_dir, cfg.train.steps, distributed.is_main())
-    epoch, queue = 0, []
+    logger.advance(first_step - 1)
     window_start, window_tokens, total_tokens = time.time(), 0, 0
     started = time.time()
-    last_loss = float("nan")
+    last_loss, last_saved = float("nan"), resume_from
     engine.train()
-    for step in range(1, cfg.train.steps + 1):
+    for step in range(first_step, cfg.train.steps + 1):
         for _ in range(cfg.train.gradient_accumulation_steps):
-            if not queue:
-                queue = sampler.micro_batches(epoch)
-                epoch += 1
-            batch = batch_to(pack_batch([encoded[i] for i in queue.pop(0)], tokenizer.pad_token_id), device)
+            batch = batch_to(pack_batch([encoded[i] for i in cursor.next()], tokenizer.pad_token_id), device)
             terms = wpn_terms(engine, batch, cfg.method)
+            if faults.injected("nan_at_step", step):
+                terms["loss/total"] = terms["loss/total"] * float("nan")
+            # Collective, every step: all ranks stop together, before a bad step touches the weights.
+            if distributed.all_reduce_max(int(not torch.isfinite(terms["loss/total"]).item())):
+                logger.close()
+                distributed.fail(f"non-finite loss at step {step}; the last good checkpoint is "
+                                 f"{last_saved or 'none (no checkpoint was saved)'}, left as it was", code=3)
             engine.backward(terms["loss/total"])
             engine.step()
             window_tokens += int(batch["attention_mask"].sum())
@@ -173,25 +212,32 @@ def main(argv=None) -> dict:
             row.update({"lr": engine.get_lr()[0], "step_time(s)": seconds / steps_in_window,
                         "throughput(tokens/s)": tokens / seconds, **memory_gib()})
             last_loss = row["loss/total"]
-            if not torch.isfinite(torch.tensor(last_loss)):
-                distributed.fail(f"non-finite loss {last_loss} at step {step}", code=3)
             logger.log(step, row)
             total_tokens += tokens
             window_start, window_tokens = time.time(), 0
+        if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            last_saved = checkpoint.save(engine, run_dir, step, {"step": step, "results": results, **cursor.state()},
+                                         keep=cfg.train.keep_checkpoints)
+        faults.crash_if_injected("exit_after_step", step)
     logger.close()
     wall_seconds = time.time() - started
 
-    # 7. Evaluation after, summary.
+    # 7. Evaluation after, Hugging Face export, summary.
     if cfg.eval.evaluate and world is not None:
+        from wpn_dist.evaluate import evaluate_toy
         results["after"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
                                         cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+    if cfg.train.export_hf:
+        from wpn_dist.export import export_hf
+        export_hf(engine, tokenizer, os.path.join(run_dir, "hf"))
     summary = {"method": cfg.method.method, "model": cfg.model.model, "world_size": distributed.world_size(),
-               "steps": cfg.train.steps, "tokens": int(total_tokens), "wall_seconds": round(wall_seconds, 2),
-               "final_loss": last_loss, "evaluation": results or None}
+               "steps": cfg.train.steps, "first_step": first_step, "tokens": int(total_tokens),
+               "wall_seconds": round(wall_seconds, 2), "final_loss": last_loss,
+               "checkpoint": last_saved, "evaluation": results or None}
     if distributed.is_main():
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if results:
+        if "before" in results and "after" in results:
             print(format_table(results), flush=True)
         print(f"wpn_dist: done in {wall_seconds:.0f}s; summary in {os.path.join(run_dir, 'summary.json')}", flush=True)
     return summary
