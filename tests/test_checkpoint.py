@@ -76,3 +76,14 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     good = os.path.join(checkpoint.checkpoint_root(str(run)), "step00000003")
     assert f"non-finite loss at step 5; the last good checkpoint is {good}" in result.stderr
     assert checkpoint.problem_with(good) is None
+
+
+def test_stop_signal_on_one_rank_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
+    run = tmp_path / "signalled"
+    stopped = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_FAULT="usr1_last_rank_at_step:4")
+    assert stopped.returncode != 0 and "exiting with status 99" in stopped.stdout
+    assert checkpoint.newest_complete(str(run)).endswith("step00000004")
+    run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"])
+    want, got = losses(uninterrupted), losses(run)
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(want[step], abs=1e-6, rel=1e-6), step

@@ -7,6 +7,7 @@ under ZeRO-3 and evaluated before and after on held-out prompts.
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -20,6 +21,8 @@ from wpn_dist.config import ConfigError, RunConfig, parse_config
 from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, \
     read_pku_saferlhf
 
+# Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
+STOPPED_EXIT_CODE = 99
 TOY_LR = 1e-4
 DEFAULT_LR = 1e-5
 
@@ -77,6 +80,19 @@ def default_run_dir(cfg: RunConfig) -> str:
 
 def batch_to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM (Slurm's warning before a time limit, preemption) so that the loop can
+    checkpoint at the next step boundary and exit with STOPPED_EXIT_CODE, for the job to requeue."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
 
 
 class DataCursor:
@@ -187,6 +203,7 @@ def main(argv=None) -> dict:
     window_start, window_tokens, total_tokens = time.time(), 0, 0
     started = time.time()
     last_loss, last_saved = float("nan"), resume_from
+    stop_signal = StopSignal()
     engine.train()
     for step in range(first_step, cfg.train.steps + 1):
         for _ in range(cfg.train.gradient_accumulation_steps):
@@ -215,9 +232,18 @@ def main(argv=None) -> dict:
             logger.log(step, row)
             total_tokens += tokens
             window_start, window_tokens = time.time(), 0
-        if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+        if faults.injected("usr1_last_rank_at_step", step) and distributed.rank() == distributed.world_size() - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        # Collective, every step: a stop signal on any rank stops all ranks at this step boundary.
+        stop_requested = bool(distributed.all_reduce_max(int(stop_signal.received)))
+        if stop_requested or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
             last_saved = checkpoint.save(engine, run_dir, step, {"step": step, "results": results, **cursor.state()},
                                          keep=cfg.train.keep_checkpoints)
+        if stop_requested and step < cfg.train.steps:
+            logger.close()
+            distributed.print0(f"wpn_dist: stop signal: checkpoint {last_saved} saved at step {step}; "
+                               f"exiting with status {STOPPED_EXIT_CODE} (continue with --resume auto)")
+            sys.exit(STOPPED_EXIT_CODE)
         faults.crash_if_injected("exit_after_step", step)
     logger.close()
     wall_seconds = time.time() - started
