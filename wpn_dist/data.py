@@ -58,6 +58,11 @@ def read_jsonl(path: str) -> list:
     return examples
 
 
+def examples_from_rows(rows: list, source: str) -> list:
+    """Validated examples from in-memory rows of the JSONL schema (e.g. the toy world's)."""
+    return [_validate_row(row, f"{source} row {i + 1}", i) for i, row in enumerate(rows)]
+
+
 def _validate_row(row, where: str, example_id: int) -> Example:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object with prompt, harmless and harmful")

@@ -18,8 +18,8 @@ import torch
 
 from wpn_dist import distributed, faults, toy
 from wpn_dist.config import ConfigError, RunConfig, parse_config
-from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, \
-    read_pku_saferlhf
+from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, examples_from_rows, pack_batch, \
+    read_jsonl, read_pku_saferlhf
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
@@ -43,7 +43,7 @@ def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
     data = cfg.data
     fmt = data.data_format
     if data.data == "toy":
-        examples = [toy_row_to_example(i, row) for i, row in enumerate(world.unlearning_rows())]
+        examples = examples_from_rows(world.unlearning_rows(), "toy world")
         fmt, skipped = "toy", 0
     else:
         if fmt == "auto":
@@ -59,11 +59,6 @@ def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
         notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong, " \
                  f"{truncated} responses truncated to --max_length {data.max_length}"
     return encoded, notes
-
-
-def toy_row_to_example(index: int, row: dict):
-    from wpn_dist.data import Example
-    return Example(index, row["prompt"], row["harmless"], row["harmful"])
 
 
 def check_output_dir(out: str, overwrite: bool, resume: str) -> None:
