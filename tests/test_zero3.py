@@ -28,6 +28,7 @@ def test_training_run_writes_its_run_directory(tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert {"loss/npair", "loss/total", "lr", "step_time(s)", "throughput(tokens/s)"} <= set(rows[0])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(run / "hf"))
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["steps"] == 4 and config["model"]["model"] == "tiny-opt"
 

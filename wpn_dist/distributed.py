@@ -87,6 +87,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shutdown() -> None:
+    """Leave the process group together: exiting with gloo's threads still running can abort the
+    process at exit ("terminate called without an active exception")."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     return torch.device("cpu") if on_cpu() else torch.device("cuda", env_local_rank())
 

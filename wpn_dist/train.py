@@ -189,6 +189,8 @@ def main(argv=None) -> dict:
         from wpn_dist.evaluate import evaluate_toy
         results["before"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
                                          cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+        # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
+        engine.empty_partition_cache()
 
     # 6. The loop: one packed forward, the loss, backward, step; metrics every log_every steps;
     #    a checkpoint every save_every steps and at the end.
@@ -261,6 +263,7 @@ def main(argv=None) -> dict:
         if "before" in results and "after" in results:
             print(format_table(results), flush=True)
         print(f"wpn_dist: done in {wall_seconds:.0f}s; summary in {os.path.join(run_dir, 'summary.json')}", flush=True)
+    distributed.shutdown()
     return summary
 
 

@@ -22,3 +22,4 @@ for name in ("tiny-opt", "tiny-gpt-neo"):
                      "stage": eng.zero_optimization_stage()}
 if distributed.is_main():
     json.dump(results, open(sys.argv[-1], "w"))  # the launcher puts --local_rank first
+distributed.shutdown()

@@ -40,3 +40,4 @@ for model_name in models_arg.split(","):
     results[model_name] = {"loss": distributed.all_reduce_mean(terms["loss/total"].item()), "grads": grads}
 if distributed.is_main():
     torch.save(results, out_path)
+distributed.shutdown()
