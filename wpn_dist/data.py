@@ -96,9 +96,9 @@ def read_pku_saferlhf(source: str, split: str = "train") -> tuple:
         if builder is None:
             raise DataError(f"{source}: unsupported file type '.{ext}' (json, jsonl, parquet, csv)")
         table = datasets.load_dataset(builder, data_files=source, split="train")
-    elif os.path.sep in source or source.endswith((".json", ".jsonl", ".parquet", ".csv")):
+    elif source.endswith((".json", ".jsonl", ".parquet", ".csv")):
         raise DataError(f"{source}: no such file")
-    else:
+    else:  # a hub name ("org/name") or a local dataset directory
         table = datasets.load_dataset(source, split=split)
     missing = [f for f in PKU_FIELDS if f not in table.column_names]
     if missing:

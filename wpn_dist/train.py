@@ -110,6 +110,8 @@ class DataCursor:
 
 
 def main(argv=None) -> dict:
+    # From the start: a stop signal while the model loads still ends in a checkpoint and a requeue.
+    stop_signal = StopSignal()
     # 1. Options, model name and data are validated before anything is started or written.
     try:
         cfg = parse_config(argv)
@@ -200,7 +202,6 @@ def main(argv=None) -> dict:
     window_start, window_tokens, total_tokens = time.time(), 0, 0
     started = time.time()
     last_loss, last_saved = float("nan"), resume_from
-    stop_signal = StopSignal()
     engine.train()
     for step in range(first_step, cfg.train.steps + 1):
         for _ in range(cfg.train.gradient_accumulation_steps):
