@@ -20,6 +20,7 @@ from wpn_dist import distributed, faults, toy
 from wpn_dist.config import ConfigError, RunConfig, parse_config
 from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, examples_from_rows, pack_batch, \
     read_jsonl, read_pku_saferlhf
+from wpn_dist.evaluate import evaluate_toy
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
@@ -174,6 +175,11 @@ def main(argv=None) -> dict:
     sampler = ShardedSampler(len(encoded), cfg.train.micro_batch_size, distributed.rank(),
                              distributed.world_size(), cfg.train.seed)
     cursor, first_step, results = DataCursor(sampler), 1, {}
+    evaluate_now = None
+    if cfg.eval.evaluate and world is not None:
+        def evaluate_now():
+            return evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
+                                cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
     resume_from = None
     if cfg.train.resume == "auto":
         resume_from = checkpoint.newest_complete(run_dir, log=distributed.print0)
@@ -187,10 +193,8 @@ def main(argv=None) -> dict:
         cursor = DataCursor(sampler, state["epoch"], state["index"])
         first_step, results = state["step"] + 1, state.get("results", {})
         distributed.print0(f"wpn_dist: resumed from {resume_from} at step {state['step']}")
-    elif cfg.eval.evaluate and world is not None:
-        from wpn_dist.evaluate import evaluate_toy
-        results["before"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
-                                         cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+    elif evaluate_now is not None:
+        results["before"] = evaluate_now()
         # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
         engine.empty_partition_cache()
 
@@ -241,16 +245,15 @@ def main(argv=None) -> dict:
             logger.close()
             distributed.print0(f"wpn_dist: stop signal: checkpoint {last_saved} saved at step {step}; "
                                f"exiting with status {STOPPED_EXIT_CODE} (continue with --resume auto)")
+            distributed.shutdown()  # so that the exit status stays 99 (see shutdown)
             sys.exit(STOPPED_EXIT_CODE)
         faults.crash_if_injected("exit_after_step", step)
     logger.close()
     wall_seconds = time.time() - started
 
     # 7. Evaluation after, Hugging Face export, summary.
-    if cfg.eval.evaluate and world is not None:
-        from wpn_dist.evaluate import evaluate_toy
-        results["after"] = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
-                                        cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+    if evaluate_now is not None:
+        results["after"] = evaluate_now()
     if cfg.train.export_hf:
         from wpn_dist.export import export_hf
         export_hf(engine, tokenizer, os.path.join(run_dir, "hf"))
