@@ -28,6 +28,7 @@ class Example:
 class EncodedPair:
     input_ids: list
     prompt_length: int  # the first prompt_length tokens are the prompt (with BOS), the rest the response
+    truncated: bool = False  # the response was cut to fit max_length
 
 
 @dataclass
@@ -149,7 +150,8 @@ def encode_pair(tokenizer, prompt_text: str, response: str, max_length: int) -> 
     """Token ids of ``prompt_text`` + " " + ``response`` + EOS, the response cut to fit max_length."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return EncodedPair(prompt_ids + response_ids[:max(0, max_length - len(prompt_ids))], len(prompt_ids))
+    room = max(0, max_length - len(prompt_ids))
+    return EncodedPair(prompt_ids + response_ids[:room], len(prompt_ids), truncated=len(response_ids) > room)
 
 
 def encode_examples(examples: list, tokenizer, prompt_format: str, max_length: int,
@@ -168,9 +170,7 @@ def encode_examples(examples: list, tokenizer, prompt_format: str, max_length: i
             raise DataError(f"{source}: example {ex.example_id + 1}: prompt is {pairs[0].prompt_length} "
                             f"tokens, no room for a response within --max_length {max_length} "
                             f"(raise --max_length, or pass --overlong drop)")
-        for pair, text in zip(pairs, [ex.harmless] + ex.harmful):
-            full = len(tokenizer(" " + text, add_special_tokens=False)["input_ids"]) + 1
-            truncated += int(len(pair.input_ids) - pair.prompt_length < full)
+        truncated += sum(pair.truncated for pair in pairs)
         encoded.append(EncodedExample(ex.example_id, pairs[0], pairs[1:]))
     return encoded, dropped, truncated
 

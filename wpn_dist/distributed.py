@@ -113,13 +113,18 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
-def all_reduce_mean(value: float) -> float:
-    """The mean of ``value`` over all ranks (collective)."""
+def all_reduce_sum(value: float) -> float:
+    """The sum of ``value`` over all ranks (collective)."""
     if not is_initialized() or world_size() == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=device())
     dist.all_reduce(t)
-    return float(t.item()) / world_size()
+    return float(t.item())
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of ``value`` over all ranks (collective)."""
+    return all_reduce_sum(value) / world_size()
 
 
 def gather_objects(obj) -> list:

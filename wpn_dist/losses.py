@@ -128,7 +128,7 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     # (under ZeRO-3 every rank must produce gradients for every parameter).
     local_sum = (per_anchor * anchor_counts).sum()
     if multi_rank:
-        global_count = distributed.all_reduce_mean(float(anchor_counts.sum())) * distributed.world_size()
+        global_count = distributed.all_reduce_sum(float(anchor_counts.sum()))
         return local_sum * distributed.world_size() / max(global_count, 1.0)
     return local_sum / anchor_counts.sum().clamp_min(1.0)
 

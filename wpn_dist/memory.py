@@ -45,14 +45,10 @@ def count_model(model):
 def describe_model(name: str) -> dict:
     """Sizes of a ``MODEL_SPECS`` name or a local Hugging Face model directory, from a model built
     on the meta device (no weights allocated, nothing downloaded). Raises ValueError if unknown."""
-    from wpn_dist.models import MODEL_SPECS, build_config, check_model_name
+    from wpn_dist.models import check_model_name, meta_model
     check_model_name(name)  # before importing transformers: a typo fails fast
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = build_config(MODEL_SPECS[name]) if name in MODEL_SPECS else AutoConfig.from_pretrained(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(name)
+    config = model.config
     num_params, largest_layer_params = count_model(model)
     # Standard config names; Hugging Face maps family-specific ones (n_layer, n_embd, ...) to them.
     return dict(num_params=num_params, largest_layer_params=largest_layer_params,

@@ -86,12 +86,19 @@ def build_config(spec: ModelSpec, vocab_size: int | None = None, tokenizer=None)
     raise ValueError(f"unknown model family {spec.family!r}")
 
 
-def count_parameters(spec: ModelSpec) -> int:
-    """Exact parameter count, from a model built on the meta device (no memory, no download)."""
-    from transformers import AutoModelForCausalLM
+def meta_model(name: str):
+    """The architecture of a spec name or a local model directory, built on the meta device: sizes
+    without allocating weights or downloading anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    check_model_name(name)
+    config = build_config(MODEL_SPECS[name]) if name in MODEL_SPECS else AutoConfig.from_pretrained(name)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(build_config(spec))
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """Exact parameter count of a spec (a tied weight counted once)."""
+    return sum(p.numel() for p in meta_model(spec.name).parameters())
 
 
 def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:

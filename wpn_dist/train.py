@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
             # Collectives: every rank reaches this at the same steps.
             row = {name: distributed.all_reduce_mean(value.item()) for name, value in terms.items()}
             seconds = time.time() - window_start
-            tokens = distributed.all_reduce_mean(window_tokens) * distributed.world_size()
+            tokens = distributed.all_reduce_sum(window_tokens)
             steps_in_window = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
             row.update({"lr": engine.get_lr()[0], "step_time(s)": seconds / steps_in_window,
                         "throughput(tokens/s)": tokens / seconds, **memory_gib()})
