@@ -18,5 +18,11 @@ setup(
         "pyyaml",
         "psutil",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # Plots of the toy benchmark and the scaling study.
+        "bench": ["matplotlib>=3.7"],
+        # Utility on lm-evaluation-harness tasks (python -m wpn_dist.evaluate --lm_eval_tasks ...).
+        "lmeval": ["lm-eval>=0.4.5"],
+        "test": ["pytest>=8", "matplotlib>=3.7", "lm-eval>=0.4.5"],
+    },
 )

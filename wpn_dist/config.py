@@ -49,6 +49,9 @@ class DataArguments:
         "help": "A prompt with no room for a response within max_length: stop with an error, or drop the row "
                 "(counted in the log). Responses that do not fit are truncated (also counted)."})
     toy_seed: int = field(default=0, metadata={"help": "Seed of the toy world."})
+    normal_data: Optional[str] = field(default=None, metadata={
+        "help": "Normal (retain) data, a JSONL file of {prompt, response} rows: GA's random answers and KL term, "
+                "WPN's --retain_weight. Default with --data toy: the toy world's QA facts."})
 
     def __post_init__(self):
         if "{prompt}" not in self.prompt_format:
@@ -57,15 +60,23 @@ class DataArguments:
             raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
         if self.data_format == "toy" and self.data != "toy":
             raise ConfigError("--data_format toy needs --data toy")
+        if self.normal_data is not None and self.normal_data != "toy" and not os.path.isfile(self.normal_data):
+            raise ConfigError(f"--normal_data {self.normal_data}: no such file")
 
 
 @dataclass
 class MethodArguments:
-    method: Literal["wpn"] = field(default="wpn", metadata={"help": "Unlearning objective."})
+    method: Literal["wpn", "ga", "icu", "lm"] = field(default="wpn", metadata={
+        "help": "Objective: wpn (N-pair), ga (gradient ascent, Yao et al.), icu (Tang et al.), or lm (a plain "
+                "causal-LM step over the same tokens: the speed reference of the scaling study; unlearns nothing)."})
+    # --- WPN
     pooling: Literal["weighted", "mean", "last"] = field(default="weighted", metadata={
         "help": "How hidden states are pooled over a span (position-weighted mean by default)."})
-    anchor: Literal["prompt"] = field(default="prompt", metadata={
-        "help": "Span the anchor is pooled over: the prompt tokens (read from the positive sequence's forward)."})
+    anchor: Literal["prompt", "generation"] = field(default="prompt", metadata={
+        "help": "Span the anchor is pooled over: the prompt tokens (read from the positive sequence's forward), or "
+                "the response tokens of the model's own greedy continuation of the prompt (our choices)."})
+    anchor_refresh_steps: int = field(default=10, metadata={
+        "help": "With --anchor generation: steps between regenerating the continuations."})
     similarity: Literal["cosine", "dot"] = field(default="cosine", metadata={"help": "Similarity in the N-pair loss."})
     temperature: float = field(default=0.1, metadata={"help": "Temperature tau of the N-pair loss."})
     global_negatives: bool = field(default=True, metadata={
@@ -73,12 +84,35 @@ class MethodArguments:
     positive_lm_weight: Optional[float] = field(default=None, metadata={
         "help": "Weight of the token cross-entropy of the harmless response given the prompt, added to the N-pair "
                 "loss (our choice, not the paper's). Default: 0 for real models, 1 for the toy world."})
+    retain_weight: float = field(default=0.0, metadata={
+        "help": "Weight of a retain term on normal data (--normal_data), added to the N-pair loss (our choice)."})
+    retain_loss: Literal["ce", "kl"] = field(default="ce", metadata={
+        "help": "Retain term: cross-entropy of the normal responses, or KL from the frozen original model."})
+    # --- GA (Yao et al. 2023)
+    ga_weight: float = field(default=0.5, metadata={"help": "GA: weight of the negated cross-entropy of harmful responses."})
+    ga_random_weight: float = field(default=1.0, metadata={
+        "help": "GA: weight of the cross-entropy of random normal responses given the harmful prompt."})
+    ga_kl_weight: float = field(default=1.0, metadata={
+        "help": "GA: weight of KL(original || model) on normal data (the original is a second, frozen engine)."})
+    # --- ICU (Tang et al. 2024)
+    icu_forget_weight: float = field(default=1.0, metadata={"help": "ICU: weight of the negated CE of the forget sample."})
+    icu_analogous_weight: float = field(default=0.5, metadata={"help": "ICU: weight of the CE of the analogous sample."})
+    icu_kl_weight: float = field(default=1.0, metadata={
+        "help": "ICU: weight of KL(original || model) on the analogous sample."})
+    icu_bleu_threshold: float = field(default=0.01, metadata={
+        "help": "ICU refinement: a forget sample whose continuation scores BLEU below this against its harmful "
+                "responses counts as unlearned and leaves the next epoch."})
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.positive_lm_weight is not None and self.positive_lm_weight < 0:
-            raise ConfigError(f"--positive_lm_weight must be >= 0, got {self.positive_lm_weight}")
+        if self.anchor_refresh_steps < 1:
+            raise ConfigError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
+        for name in ("positive_lm_weight", "retain_weight", "ga_weight", "ga_random_weight", "ga_kl_weight",
+                     "icu_forget_weight", "icu_analogous_weight", "icu_kl_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -122,6 +156,10 @@ class TrainArguments:
 @dataclass
 class EvalArguments:
     evaluate: bool = field(default=True, metadata={"help": "Evaluate before and after unlearning (toy world)."})
+    evaluate_before: bool = field(default=True, metadata={"help": "With --evaluate: also evaluate before unlearning."})
+    eval_every: int = field(default=0, metadata={
+        "help": "Steps between evaluations of the in-distribution harmless rate during training (toy world; "
+                "0: none). Logged as eval/harmless_rate."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per evaluation prompt."})
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch per rank."})
 

@@ -177,15 +177,19 @@ def encode_examples(examples: list, tokenizer, prompt_format: str, max_length: i
 
 # --- batching --------------------------------------------------------------------------------
 
-def pack_batch(batch: list, pad_id: int) -> dict:
+def pack_batch(batch: list, pad_id: int, extra_rows: dict | None = None) -> dict:
     """One padded batch holding every sequence of the micro-batch: B positives first, then all
-    negatives, so that a single forward pass serves the whole loss.
+    negatives, then any ``extra_rows`` groups (name -> list of EncodedPair: normal data, random answers,
+    generated anchors), so that a single forward pass serves the whole loss.
 
-    Keys: input_ids/attention_mask [S,T]; response_mask [S,T] (response tokens); prompt_mask [B,T]
-    (prompt tokens of the positive rows); negative_rows [B,K] (row of each negative in the packed
-    batch) and negative_mask [B,K]; example_ids [B]; labels [B,T] for the positives' LM loss
-    (-100 outside the response)."""
+    Keys: input_ids/attention_mask [S,T]; response_mask [S,T] (response tokens); labels [S,T] (the
+    response tokens, -100 elsewhere); prompt_mask [B,T] (prompt tokens of the positive rows);
+    negative_rows [B,K] (row of each negative in the packed batch) and negative_mask [B,K];
+    example_ids [B]; and ``<name>_rows`` [n] for each extra group."""
+    extra_rows = extra_rows or {}
     pairs = [e.positive for e in batch] + [n for e in batch for n in e.negatives]
+    for group in extra_rows.values():
+        pairs += group
     length = max(len(p.input_ids) for p in pairs)
     num_rows = len(pairs)
     input_ids = torch.full((num_rows, length), pad_id, dtype=torch.long)
@@ -206,11 +210,106 @@ def pack_batch(batch: list, pad_id: int) -> dict:
         for k in range(len(e.negatives)):
             negative_rows[i, k], negative_mask[i, k] = row, True
             row += 1
-    labels = input_ids[:batch_size].masked_fill(response[:batch_size] == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response,
-            "prompt_mask": prompt, "negative_rows": negative_rows, "negative_mask": negative_mask,
-            "example_ids": torch.tensor([e.example_id for e in batch], dtype=torch.long),
-            "labels": labels}
+    packed = {"input_ids": input_ids, "attention_mask": attention, "response_mask": response,
+              "labels": input_ids.masked_fill(response == 0, -100), "prompt_mask": prompt,
+              "negative_rows": negative_rows, "negative_mask": negative_mask,
+              "example_ids": torch.tensor([e.example_id for e in batch], dtype=torch.long)}
+    for name, group in extra_rows.items():
+        packed[f"{name}_rows"] = torch.arange(row, row + len(group), dtype=torch.long)
+        row += len(group)
+    return packed
+
+
+def lm_batch(pairs: list, pad_id: int) -> dict:
+    """Right-padded causal-LM batch of EncodedPairs; labels cover the response tokens only."""
+    length = max(len(p.input_ids) for p in pairs)
+    input_ids = torch.full((len(pairs), length), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for row, p in enumerate(pairs):
+        n = len(p.input_ids)
+        input_ids[row, :n] = torch.tensor(p.input_ids)
+        attention[row, :n] = 1
+        labels[row, p.prompt_length:n] = input_ids[row, p.prompt_length:n]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# --- normal data -----------------------------------------------------------------------------
+
+def read_normal_jsonl(path: str) -> list:
+    """Normal (retain) data: rows ``{"prompt": str, "response": str}`` and optionally ``"answer"``
+    (a word the response must contain, for task accuracy). Returns the rows as dicts."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object with prompt and response")
+            for name in ("prompt", "response"):
+                if not isinstance(row.get(name), str) or not row[name].strip():
+                    raise DataError(f"{where}: field '{name}' must be a non-empty string")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def encode_normal(rows: list, tokenizer, prompt_format: str, max_length: int) -> list:
+    """EncodedPairs of normal rows; rows whose prompt leaves no room for a response are skipped."""
+    pairs = [encode_pair(tokenizer, prompt_format.format(prompt=r["prompt"]), r["response"], max_length)
+             for r in rows]
+    return [p for p in pairs if p.prompt_length < len(p.input_ids)]
+
+
+class BatchMaker:
+    """Builds a step's packed batch for the method: the examples' positives and negatives, plus the
+    extra row groups the method asks for (methods.extra_row_groups):
+    - ``normal``: as many random normal-data rows as examples (retain and KL terms);
+    - ``random``: each harmful prompt paired with a random normal response (GA's L_rand);
+    - ``anchor``: each prompt with the model's own continuation (WPN's --anchor generation; set by
+      ``set_anchors``).
+    Random draws are seeded by (seed, step, micro-batch, rank), so a resumed run draws the same rows."""
+
+    def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
+                 groups: tuple, normal_rows: list | None, seed: int):
+        self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
+        self.prompt_format, self.max_length = prompt_format, max_length
+        self.examples = {e.example_id: e for e in examples}
+        self.normal_rows = normal_rows or []
+        self.normal_pairs = encode_normal(self.normal_rows, tokenizer, prompt_format, max_length)
+        if ("normal" in groups or "random" in groups) and not self.normal_pairs:
+            raise DataError("this method needs normal data (--normal_data), and none was given")
+        self.anchors: dict = {}
+
+    def set_anchors(self, continuations: dict) -> None:
+        """example id -> the model's continuation of its prompt (text)."""
+        self.anchors = {i: encode_pair(self.tokenizer, self.prompt_text(i), text, self.max_length)
+                        for i, text in continuations.items()}
+
+    def prompt_text(self, example_id: int) -> str:
+        return self.prompt_format.format(prompt=self.examples[example_id].prompt)
+
+    def make(self, indices: list, step: int, micro: int, rank: int) -> dict:
+        batch = [self.encoded[i] for i in indices]
+        rng = random.Random(f"{self.seed}-{step}-{micro}-{rank}")
+        extra = {}
+        for group in self.groups:
+            if group == "normal":
+                extra[group] = [rng.choice(self.normal_pairs) for _ in batch]
+            elif group == "random":
+                extra[group] = [encode_pair(self.tokenizer, self.prompt_text(e.example_id),
+                                            rng.choice(self.normal_rows)["response"], self.max_length) for e in batch]
+            elif group == "anchor":
+                extra[group] = [self.anchors[e.example_id] for e in batch]
+        return pack_batch(batch, self.tokenizer.pad_token_id, extra)
 
 
 class ShardedSampler:

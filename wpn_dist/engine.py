@@ -66,3 +66,18 @@ def initialize(model, ds_config: dict):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     return engine, optimizer, scheduler
+
+
+def initialize_reference(model, ds_config: dict):
+    """The frozen original model as a second engine, for the baselines' KL terms: no optimizer; under
+    ZeRO-3 its weights are partitioned like the trained model's, under other stages every rank holds
+    a whole copy. Its memory and time are part of the method's cost."""
+    import deepspeed
+    config = {key: value for key, value in copy.deepcopy(ds_config).items() if key not in ("optimizer", "scheduler")}
+    if zero_stage(config) != 3:
+        config["zero_optimization"] = {"stage": 0}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -132,33 +132,3 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
         return local_sum * distributed.world_size() / max(global_count, 1.0)
     return local_sum / anchor_counts.sum().clamp_min(1.0)
 
-
-def wpn_terms(engine, batch: dict, method) -> dict:
-    """One WPN step's loss terms from ONE forward pass over the packed batch (see data.pack_batch).
-
-    The anchor is pooled over the prompt tokens of the positive rows: by causality those hidden states
-    are the same in every sequence that starts with the prompt, so they cost no extra forward.
-    Returns {"loss/total": tensor, "loss/npair": tensor, ["loss/positive_lm": tensor]}.
-    """
-    from .pooling import pool
-    lm_weight = method.positive_lm_weight or 0.0
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 output_hidden_states=True, logits_to_keep=0 if lm_weight > 0 else 1)
-    hidden = out.hidden_states[-1]
-    num_examples = batch["example_ids"].shape[0]
-    responses = pool(hidden, batch["response_mask"], method.pooling)  # [S, D] fp32
-    anchor = pool(hidden[:num_examples], batch["prompt_mask"], method.pooling)
-    negatives = responses[batch["negative_rows"]]  # [B, K, D]; masked rows point at row 0
-    npair = npair_loss(anchor, responses[:num_examples], negatives, batch["negative_mask"],
-                       temperature=method.temperature, similarity=method.similarity,
-                       global_negatives=method.global_negatives, example_ids=batch["example_ids"])
-    terms = {"loss/npair": npair}
-    total = npair
-    if lm_weight > 0:
-        logits = out.logits[:num_examples, :-1].float()
-        labels = batch["labels"][:, 1:]
-        terms["loss/positive_lm"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                    ignore_index=-100)
-        total = total + lm_weight * terms["loss/positive_lm"]
-    terms["loss/total"] = total
-    return terms

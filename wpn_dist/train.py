@@ -10,17 +10,23 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):  # run as a script: make the package importable from the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+# DeepSpeed still calls the collectives torch 2.13 deprecated, once per step per rank.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                        category=FutureWarning)
+
 from wpn_dist import distributed, faults, toy
 from wpn_dist.config import ConfigError, RunConfig, parse_config
-from wpn_dist.data import DataError, ShardedSampler, detect_format, encode_examples, examples_from_rows, pack_batch, \
-    read_jsonl, read_pku_saferlhf
-from wpn_dist.evaluate import evaluate_toy
+from wpn_dist.data import BatchMaker, DataError, ShardedSampler, detect_format, encode_examples, examples_from_rows, \
+    read_jsonl, read_normal_jsonl, read_pku_saferlhf
+from wpn_dist.evaluate import evaluate_toy, toy_splits
+from wpn_dist.methods import extra_row_groups, needs_reference
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
@@ -34,13 +40,16 @@ def resolve_defaults(cfg: RunConfig) -> None:
     if cfg.train.lr is None:
         cfg.train.lr = TOY_LR if is_toy else DEFAULT_LR
     if cfg.method.positive_lm_weight is None:
-        cfg.method.positive_lm_weight = 1.0 if is_toy else 0.0
+        cfg.method.positive_lm_weight = 1.0 if is_toy and cfg.method.method == "wpn" else 0.0
+    if cfg.data.normal_data is None and cfg.data.data == "toy":
+        cfg.data.normal_data = "toy"
     if is_toy and cfg.data.data != "toy":
         raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
 
 
 def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
-    """Read, validate and encode the unlearning data. Returns (encoded examples, notes for the log)."""
+    """Read, validate and encode the unlearning data, and read the normal data if the method uses it.
+    Returns (examples, encoded examples, normal rows or None, notes for the log)."""
     data = cfg.data
     fmt = data.data_format
     if data.data == "toy":
@@ -59,7 +68,14 @@ def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
     if skipped or dropped or truncated:
         notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong, " \
                  f"{truncated} responses truncated to --max_length {data.max_length}"
-    return encoded, notes
+    normal_rows = None
+    if {"normal", "random"} & set(extra_row_groups(cfg.method)):
+        if data.normal_data is None:
+            raise ConfigError(f"--method {cfg.method.method} with these options needs --normal_data "
+                              f"(a JSONL file of {{prompt, response}} rows)")
+        normal_rows = world.normal_rows() if data.normal_data == "toy" else read_normal_jsonl(data.normal_data)
+        notes += f"; {len(normal_rows)} normal rows from {data.normal_data}"
+    return examples, encoded, normal_rows, notes
 
 
 def check_output_dir(out: str, overwrite: bool, resume: str) -> None:
@@ -93,21 +109,33 @@ class StopSignal:
 
 class DataCursor:
     """Where the loop is in the data: epoch and micro-batches consumed in it. With the sampler's
-    deterministic per-epoch order this is all a resumed run needs to see the same batches."""
+    deterministic per-epoch order this is all a resumed run needs to see the same batches.
+    ``subset`` (example indices; default all) is what an epoch covers: ICU's refinement narrows it."""
 
-    def __init__(self, sampler: ShardedSampler, epoch: int = 0, index: int = 0):
-        self.sampler, self.epoch, self.index = sampler, epoch, index
-        self._order = sampler.micro_batches(epoch)
+    def __init__(self, make_sampler, subset: list, epoch: int = 0, index: int = 0):
+        self.make_sampler, self.epoch, self.index = make_sampler, epoch, index
+        self._start(subset)
+
+    def _start(self, subset: list) -> None:
+        self.subset = list(subset)
+        order = self.make_sampler(len(self.subset)).micro_batches(self.epoch) if self.subset else []
+        self._order = [[self.subset[i] for i in micro] for micro in order]
+
+    def epoch_done(self) -> bool:
+        return self.index == len(self._order)
+
+    def start_epoch(self, subset: list | None = None) -> None:
+        self.epoch, self.index = self.epoch + 1, 0
+        self._start(self.subset if subset is None else subset)
 
     def next(self) -> list:
-        if self.index == len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self.sampler.micro_batches(self.epoch)
+        if self.epoch_done():
+            self.start_epoch()
         self.index += 1
         return self._order[self.index - 1]
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "subset": self.subset}
 
 
 def main(argv=None) -> dict:
@@ -123,7 +151,9 @@ def main(argv=None) -> dict:
             tokenizer = toy.make_tokenizer(world)
         else:
             tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
-        encoded, data_notes = load_data(cfg, tokenizer, world)
+        examples, encoded, normal_rows, data_notes = load_data(cfg, tokenizer, world)
+        batches = BatchMaker(encoded, examples, tokenizer, cfg.data.prompt_format, cfg.data.max_length,
+                             extra_row_groups(cfg.method), normal_rows, cfg.train.seed)
         if cfg.train.output_dir is not None:
             check_output_dir(cfg.train.output_dir, cfg.train.overwrite_output_dir, cfg.train.resume)
     except (ConfigError, DataError, OSError) as e:
@@ -170,16 +200,24 @@ def main(argv=None) -> dict:
     model.config.use_cache = False
     engine, _, _ = engine_lib.initialize(model, ds_config)
     device = engine.device
+    reference = None
+    if needs_reference(cfg.method):  # the frozen original model, for the baselines' KL terms
+        reference = engine_lib.initialize_reference(
+            models.load_model(model_name, tokenizer, cfg.model.model_init, dtype, cfg.train.seed), ds_config)
 
     # 5. Resume, or evaluate before unlearning.
-    sampler = ShardedSampler(len(encoded), cfg.train.micro_batch_size, distributed.rank(),
-                             distributed.world_size(), cfg.train.seed)
-    cursor, first_step, results = DataCursor(sampler), 1, {}
+    def make_sampler(num_examples):
+        return ShardedSampler(num_examples, cfg.train.micro_batch_size, distributed.rank(),
+                              distributed.world_size(), cfg.train.seed)
+    cursor, first_step, results = DataCursor(make_sampler, range(len(encoded))), 1, {}
     evaluate_now = None
     if cfg.eval.evaluate and world is not None:
-        def evaluate_now():
-            return evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format,
-                                cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+        def evaluate_now(splits=None, utility=True):
+            result = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format, cfg.eval.max_new_tokens,
+                                  cfg.eval.eval_batch_size, splits=splits, utility=utility)
+            # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
+            engine.empty_partition_cache()
+            return result
     resume_from = None
     if cfg.train.resume == "auto":
         resume_from = checkpoint.newest_complete(run_dir, log=distributed.print0)
@@ -190,27 +228,36 @@ def main(argv=None) -> dict:
         resume_from = cfg.train.resume
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
-        cursor = DataCursor(sampler, state["epoch"], state["index"])
+        cursor = DataCursor(make_sampler, state.get("subset", range(len(encoded))), state["epoch"], state["index"])
         first_step, results = state["step"] + 1, state.get("results", {})
         distributed.print0(f"wpn_dist: resumed from {resume_from} at step {state['step']}")
-    elif evaluate_now is not None:
-        results["before"] = evaluate_now()
-        # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
-        engine.empty_partition_cache()
+    else:
+        if evaluate_now is not None and cfg.eval.evaluate_before:
+            results["before"] = evaluate_now()
+        if cfg.method.method == "icu":  # ICU's refinement also runs before training
+            cursor = DataCursor(make_sampler, icu_remembered(engine, tokenizer, cfg, encoded, batches))
 
     # 6. The loop: one packed forward, the loss, backward, step; metrics every log_every steps;
     #    a checkpoint every save_every steps and at the end.
-    from wpn_dist.losses import wpn_terms
+    from wpn_dist.methods import loss_terms
     logger = RunLogger(run_dir, cfg.train.steps, distributed.is_main())
     logger.advance(first_step - 1)
     window_start, window_tokens, total_tokens = time.time(), 0, 0
     started = time.time()
-    last_loss, last_saved = float("nan"), resume_from
+    last_loss, last_saved, last_step = float("nan"), resume_from, first_step - 1
     engine.train()
     for step in range(first_step, cfg.train.steps + 1):
-        for _ in range(cfg.train.gradient_accumulation_steps):
-            batch = batch_to(pack_batch([encoded[i] for i in cursor.next()], tokenizer.pad_token_id), device)
-            terms = wpn_terms(engine, batch, cfg.method)
+        if cfg.method.anchor == "generation" and cfg.method.method == "wpn" and \
+                (step == first_step or (step - 1) % cfg.method.anchor_refresh_steps == 0):
+            batches.set_anchors(continuations(engine, tokenizer, cfg, encoded, batches))
+        if cfg.method.method == "icu" and cursor.epoch_done():
+            cursor.start_epoch(icu_remembered(engine, tokenizer, cfg, encoded, batches))
+        if not cursor.subset:
+            distributed.print0(f"wpn_dist: ICU: every forget sample counts as unlearned; stopping before step {step}")
+            break
+        for micro in range(cfg.train.gradient_accumulation_steps):
+            batch = batch_to(batches.make(cursor.next(), step, micro, distributed.rank()), device)
+            terms = loss_terms(engine, batch, cfg.method, reference)
             if faults.injected("nan_at_step", step):
                 terms["loss/total"] = terms["loss/total"] * float("nan")
             # Collective, every step: all ranks stop together, before a bad step touches the weights.
@@ -221,6 +268,7 @@ def main(argv=None) -> dict:
             engine.backward(terms["loss/total"])
             engine.step()
             window_tokens += int(batch["attention_mask"].sum())
+        last_step = step
         logger.advance()
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             # Collectives: every rank reaches this at the same steps.
@@ -230,10 +278,16 @@ def main(argv=None) -> dict:
             steps_in_window = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
             row.update({"lr": engine.get_lr()[0], "step_time(s)": seconds / steps_in_window,
                         "throughput(tokens/s)": tokens / seconds, **memory_gib()})
+            if cfg.method.method == "icu":
+                row["icu/remaining"] = len(cursor.subset)
             last_loss = row["loss/total"]
             logger.log(step, row)
             total_tokens += tokens
             window_start, window_tokens = time.time(), 0
+        if evaluate_now is not None and cfg.eval.eval_every and step % cfg.eval.eval_every == 0:
+            rate = evaluate_now({"id": toy_splits(world)["id"]}, utility=False)["harmless_rate"]["id"]["rate"]
+            logger.log(step, {"eval/harmless_rate": rate})
+            window_start = time.time()  # evaluation time is not step time
         if faults.injected("usr1_last_rank_at_step", step) and distributed.rank() == distributed.world_size() - 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         # Collective, every step: a stop signal on any rank stops all ranks at this step boundary.
@@ -248,6 +302,9 @@ def main(argv=None) -> dict:
             distributed.shutdown()  # so that the exit status stays 99 (see shutdown)
             sys.exit(STOPPED_EXIT_CODE)
         faults.crash_if_injected("exit_after_step", step)
+    if last_step < cfg.train.steps and last_step >= first_step:  # stopped early (ICU): save where it stopped
+        last_saved = checkpoint.save(engine, run_dir, last_step, {"step": last_step, "results": results,
+                                                                  **cursor.state()}, keep=cfg.train.keep_checkpoints)
     logger.close()
     wall_seconds = time.time() - started
 
@@ -258,27 +315,59 @@ def main(argv=None) -> dict:
         from wpn_dist.export import export_hf
         export_hf(engine, tokenizer, os.path.join(run_dir, "hf"))
     summary = {"method": cfg.method.method, "model": cfg.model.model, "world_size": distributed.world_size(),
-               "steps": cfg.train.steps, "first_step": first_step, "tokens": int(total_tokens),
+               "steps": cfg.train.steps, "steps_run": last_step, "first_step": first_step, "tokens": int(total_tokens),
                "wall_seconds": round(wall_seconds, 2), "final_loss": last_loss,
                "checkpoint": last_saved, "evaluation": results or None}
     if distributed.is_main():
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if "before" in results and "after" in results:
+        if "after" in results:
             print(format_table(results), flush=True)
         print(f"wpn_dist: done in {wall_seconds:.0f}s; summary in {os.path.join(run_dir, 'summary.json')}", flush=True)
     distributed.shutdown()
     return summary
 
 
+def continuations(engine, tokenizer, cfg: RunConfig, encoded: list, batches: BatchMaker) -> dict:
+    """The model's greedy continuation of every training prompt (collective): WPN's generation anchors."""
+    from wpn_dist.evaluate import generate
+    ids = [e.example_id for e in encoded]
+    texts = generate(engine.module, tokenizer, [batches.examples[i].prompt for i in ids], cfg.data.prompt_format,
+                     cfg.eval.max_new_tokens, cfg.eval.eval_batch_size)
+    engine.empty_partition_cache()
+    return dict(zip(ids, texts))
+
+
+def icu_remembered(engine, tokenizer, cfg: RunConfig, encoded: list, batches: BatchMaker) -> list:
+    """ICU's refinement: indices (into ``encoded``) of the forget samples the model still reproduces."""
+    from wpn_dist.icu import still_remembered
+    remembered = still_remembered(engine.module, tokenizer, [batches.examples[e.example_id] for e in encoded],
+                                  cfg.data.prompt_format, cfg.eval.max_new_tokens, cfg.eval.eval_batch_size,
+                                  cfg.method.icu_bleu_threshold)
+    engine.empty_partition_cache()
+    distributed.print0(f"wpn_dist: ICU refinement: {len(remembered)} of {len(encoded)} forget samples remain")
+    return remembered
+
+
 def format_table(results: dict) -> str:
+    """Harmless rate per split and utility, before (if evaluated) and after."""
+    columns = [c for c in ("before", "after") if c in results]
+
     def cell(r):
         return f"{100 * r['rate']:5.1f}% [{100 * r['low']:.0f}-{100 * r['high']:.0f}]"
-    lines = ["", f"{'':34}{'before':>18}{'after':>18}"]
-    for key, label in [("harmless_rate", "harmless rate, held-out prompts"), ("qa_accuracy", "normal-QA accuracy")]:
-        lines.append(f"{label:34}{cell(results['before'][key]):>18}{cell(results['after'][key]):>18}")
-    n = results["after"]["harmless_rate"]["n"], results["after"]["qa_accuracy"]["n"]
-    lines.append(f"({n[0]} held-out harmful prompts, {n[1]} QA prompts; 95% bootstrap intervals)")
+    after = results["after"]
+    lines = ["", f"{'':34}" + "".join(f"{c:>18}" for c in columns)]
+    # Aggregates first, each followed by its parts ("adversarial", then "adversarial/role_play", ...).
+    for split, rate in sorted(after["harmless_rate"].items(), key=lambda kv: (kv[0].split("/")[0] != "id",
+                                                                                kv[0].split("/")[0] != "ood", kv[0])):
+        label = f"harmless, {split} ({rate['n']})" if "/" not in split else f"  {split.split('/')[1]} ({rate['n']})"
+        lines.append(f"{label:34}" + "".join(f"{cell(results[c]['harmless_rate'][split]):>18}" for c in columns))
+    if "qa_accuracy" in after:
+        label = f"normal-QA accuracy ({after['qa_accuracy']['n']})"
+        lines.append(f"{label:34}" + "".join(f"{cell(results[c]['qa_accuracy']):>18}" for c in columns))
+    if "perplexity" in after:
+        lines.append(f"{'normal-data perplexity':34}" + "".join(f"{results[c]['perplexity']:>18.3f}" for c in columns))
+    lines.append("(number of prompts in brackets after each split; 95% bootstrap intervals)")
     return "\n".join(lines)
 
 

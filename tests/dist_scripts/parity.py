@@ -3,23 +3,21 @@ loss and the full parameter gradients (rank 0). Usage: parity.py MODELS ROWS_PER
 is comma-separated and ROWS_PER_RANK e.g. "3,2": rank r takes the next ROWS[r] examples of the same
 global batch."""
 import sys
-from types import SimpleNamespace
 
 import torch
 from deepspeed.utils import safe_get_full_grad
 
 from wpn_dist import distributed, engine, models
-from wpn_dist.config import TrainArguments
+from wpn_dist.config import MethodArguments, TrainArguments
 from wpn_dist.data import encode_examples, pack_batch, read_jsonl
-from wpn_dist.losses import wpn_terms
+from wpn_dist.methods import wpn_terms
 
 models_arg, rows_arg, out_path = sys.argv[-3:]
 distributed.init()
 rows = [int(r) for r in rows_arg.split(",")]
 assert len(rows) == distributed.world_size(), (rows, distributed.world_size())
 start = sum(rows[:distributed.rank()])
-method = SimpleNamespace(positive_lm_weight=0.0, pooling="weighted", temperature=0.5, similarity="cosine",
-                         global_negatives=True)
+method = MethodArguments(positive_lm_weight=0.0, temperature=0.5)
 results = {}
 for model_name in models_arg.split(","):
     tokenizer = models.load_tokenizer(model_name)
