@@ -36,3 +36,19 @@ def run_deepspeed(script_and_args: list, num_procs: int = 2, timeout: int = 600,
     if check and result.returncode != 0:
         pytest.fail(f"deepspeed exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def implanted_toy_model(toy_cache):
+    """The toy world's implanted model (seed 0), made once and cached; returns its directory."""
+    from wpn_dist import toy
+    previous = os.environ.get("WPN_DIST_CACHE")
+    os.environ["WPN_DIST_CACHE"] = toy_cache
+    try:
+        world = toy.make_world(toy.ToyWorldConfig(seed=0))
+        return toy.implant(world, toy.ImplantConfig(), toy.implant_dir(world.config, toy.ImplantConfig()))
+    finally:
+        if previous is None:
+            del os.environ["WPN_DIST_CACHE"]
+        else:
+            os.environ["WPN_DIST_CACHE"] = previous

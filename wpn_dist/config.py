@@ -160,6 +160,13 @@ class EvalArguments:
     eval_every: int = field(default=0, metadata={
         "help": "Steps between evaluations of the in-distribution harmless rate during training (toy world; "
                 "0: none). Logged as eval/harmless_rate."})
+    eval_prompts: Optional[str] = field(default=None, metadata={
+        "help": "Harmful prompts to evaluate on, a JSONL file of {prompt, split} rows (split optional, e.g. id, "
+                "ood, adversarial/role_play). Default with --data toy: the toy world's splits."})
+    judge: str = field(default="rule", metadata={
+        "help": "Harmfulness judge: 'rule' (toy world) or a local Hugging Face sequence-classification model dir."})
+    judge_harmless_labels: Optional[str] = field(default=None, metadata={
+        "help": "With a classifier --judge: comma-separated label names (or ids) that mean harmless."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per evaluation prompt."})
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch per rank."})
 

@@ -136,12 +136,12 @@ def gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank (collective)."""
+def broadcast_object(obj, group=None):
+    """Rank 0's ``obj`` on every rank (collective; over ``group`` if given, else every rank's group)."""
     if not is_initialized() or world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 

@@ -4,7 +4,9 @@ Generation is sharded over ranks and runs in lockstep (``synced_gpus``): under Z
 pass gathers parameters with collectives, so every rank keeps stepping until all ranks are done, and
 every rank runs the same number of batches.
 """
+import json
 import math
+import os
 import random
 import re
 
@@ -145,3 +147,135 @@ def evaluate_toy(model, tokenizer, world, prompt_format: str, max_new_tokens: in
     judge = judge or (lambda prompts, responses: [world.judge(r) for r in responses])
     return evaluate_model(model, tokenizer, splits or toy_splits(world), judge,
                           toy_normal_rows(world) if utility else [], prompt_format, max_new_tokens, batch_size)
+
+
+def read_eval_prompts(path: str) -> dict:
+    """Harmful evaluation prompts, a JSONL file of {prompt, split} rows (split default "eval"),
+    as split -> prompts."""
+    from .data import DataError
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    splits: dict = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise DataError(f"{path}:{line_no}: a row must be a JSON object with a non-empty 'prompt'")
+            splits.setdefault(str(row.get("split", "eval")), []).append(row["prompt"])
+    if not splits:
+        raise DataError(f"{path}: no rows")
+    return splits
+
+
+def evaluation_inputs(world, eval_prompts: str | None, normal_data: str | None, judge: str,
+                      judge_harmless_labels: str | None) -> tuple:
+    """(splits, judge, normal rows) from the options: the toy world's unless files are given.
+    Raises DataError/ValueError with a one-line message on bad input."""
+    from .data import read_normal_jsonl
+    from .judges import make_judge
+    if eval_prompts:
+        splits = read_eval_prompts(eval_prompts)
+    elif world is not None:
+        splits = toy_splits(world)
+    else:
+        raise ValueError("nothing to evaluate: give --eval_prompts (a JSONL file of {prompt, split} rows)")
+    if normal_data and normal_data != "toy":
+        normal_rows = read_normal_jsonl(normal_data)
+    else:
+        normal_rows = toy_normal_rows(world) if world is not None else []
+    labels = [x.strip() for x in judge_harmless_labels.split(",") if x.strip()] if judge_harmless_labels else None
+    return splits, make_judge(judge, labels, world), normal_rows
+
+
+def main(argv=None) -> dict:
+    """``python -m wpn_dist.evaluate --model DIR [options]``: evaluate a saved model (for instance a run's
+    ``hf/`` export). One process, or several under ``deepspeed``/``torchrun`` (generation sharded, the
+    model partitioned with ZeRO-3 when ``--zero3``)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", required=True, help="a local Hugging Face model directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    parser.add_argument("--toy_seed", type=int, default=None, help="evaluate on this toy world's splits")
+    parser.add_argument("--eval_prompts", default=None, help="JSONL of {prompt, split} harmful prompts")
+    parser.add_argument("--normal_data", default=None, help="JSONL of {prompt, response[, answer]} normal rows")
+    parser.add_argument("--judge", default="rule", help="'rule' (toy world) or a classifier model directory")
+    parser.add_argument("--judge_harmless_labels", default=None, help="classifier labels meaning harmless (a,b)")
+    parser.add_argument("--prompt_format", default="### Question: {prompt} ### Answer:")
+    parser.add_argument("--max_new_tokens", type=int, default=24)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=256, help="token limit of normal rows (perplexity)")
+    parser.add_argument("--zero3", action="store_true", help="partition the model over ranks with ZeRO-3")
+    parser.add_argument("--lm_eval_tasks", default=None, help="comma-separated lm-evaluation-harness tasks")
+    parser.add_argument("--lm_eval_limit", type=float, default=None, help="documents per task (or a fraction)")
+    parser.add_argument("--lm_eval_mode", choices=("rank0", "sharded"), default="rank0")
+    parser.add_argument("--lm_eval_include_path", default=None, help="directory of your own task YAMLs")
+    parser.add_argument("--lm_eval_num_fewshot", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write evaluation.json and generations.jsonl here")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from . import models, toy
+    from .data import DataError
+    try:
+        if args.zero3 and args.lm_eval_tasks:
+            raise ValueError("--lm_eval_tasks needs the whole model on each rank: leave out --zero3")
+        if not models.is_local_model_dir(args.model):
+            raise ValueError(f"--model {args.model}: not a local Hugging Face model directory (no config.json)")
+        world = toy.make_world(toy.ToyWorldConfig(seed=args.toy_seed)) if args.toy_seed is not None else None
+        splits, judge, normal_rows = evaluation_inputs(world, args.eval_prompts, args.normal_data, args.judge,
+                                                       args.judge_harmless_labels)
+        tokenizer = models.load_tokenizer(args.model, args.tokenizer)
+    except (ValueError, DataError, OSError) as e:
+        distributed.fail(str(e))
+    distributed.init()
+    loaded = _load_for_evaluation(args.model, tokenizer, args.zero3)
+    model = loaded.module if args.zero3 else loaded  # the engine itself stays referenced in ``loaded``
+    result = evaluate_model(model, tokenizer, splits, judge, normal_rows, args.prompt_format, args.max_new_tokens,
+                            args.batch_size, args.max_length, num_samples=10**9)
+    if args.lm_eval_tasks:
+        from .harness import run_lm_eval
+        result["lm_eval"] = run_lm_eval(model, tokenizer, [t.strip() for t in args.lm_eval_tasks.split(",")],
+                                        include_path=args.lm_eval_include_path, limit=args.lm_eval_limit,
+                                        num_fewshot=args.lm_eval_num_fewshot, mode=args.lm_eval_mode)
+    generations = result.pop("samples")
+    if distributed.is_main():
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "evaluation.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
+                for split, rows in generations.items():
+                    for row in rows:
+                        f.write(json.dumps({"split": split, **row}) + "\n")
+        for split, rate in result["harmless_rate"].items():
+            print(f"harmless rate, {split}: {100 * rate['rate']:.1f}% [{100 * rate['low']:.1f}-{100 * rate['high']:.1f}] "
+                  f"of {rate['n']}")
+        if "qa_accuracy" in result:
+            print(f"task accuracy: {100 * result['qa_accuracy']['rate']:.1f}% of {result['qa_accuracy']['n']}")
+        if "perplexity" in result:
+            print(f"perplexity of normal responses: {result['perplexity']:.3f}")
+        for task, metrics in result.get("lm_eval", {}).items():
+            print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    distributed.shutdown()
+    return result
+
+
+def _load_for_evaluation(path: str, tokenizer, zero3: bool):
+    """The model on this rank's device; with ``zero3`` a frozen engine partitioned over ranks."""
+    from transformers import AutoModelForCausalLM
+    if not zero3:
+        return AutoModelForCausalLM.from_pretrained(path).to(distributed.device()).eval()
+    from transformers.integrations import HfDeepSpeedConfig
+    from . import engine as engine_lib
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 (partition while loading)
+    return engine_lib.initialize_reference(AutoModelForCausalLM.from_pretrained(path), config)
+
+
+if __name__ == "__main__":
+    main()

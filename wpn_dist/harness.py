@@ -59,7 +59,7 @@ def run_lm_eval(model, tokenizer, tasks: list, include_path: str | None = None,
         raise ValueError("run_lm_eval needs the whole model on every rank that runs it, not a ZeRO-3 "
                          "partitioned one: load the exported hf/ directory with from_pretrained")
     import_lm_eval()
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     check_task_names(manager, tasks, include_path)
     world = distributed.world_size()
     evaluate = functools.partial(_evaluate, model, tokenizer, tasks, manager, limit, num_fewshot,
@@ -81,15 +81,22 @@ def run_lm_eval(model, tokenizer, tasks: list, include_path: str | None = None,
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_task_manager(include_path: str | None):
+def _cached_task_manager(include_path: str | None, include_defaults: bool = True):
     from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def task_manager(include_path: str | None = None):
-    """lm_eval's task index (built-in tasks plus ``include_path``'s), built once per process: indexing
-    lm_eval's thousands of task YAMLs takes about 10 s."""
-    return _cached_task_manager(os.path.abspath(include_path) if include_path else None)
+def task_manager(include_path: str | None = None, tasks: list = ()):
+    """lm_eval's task index, built once per process. Indexing lm_eval's own thousands of task YAMLs
+    takes about 10 s: when every one of ``tasks`` is a single task (not a group or tag) defined under
+    ``include_path``, only ``include_path`` is indexed."""
+    path = os.path.abspath(include_path) if include_path else None
+    if path and tasks:
+        own = _cached_task_manager(path, include_defaults=False)
+        entries = [own.task_index.get(name) for name in tasks]
+        if all(e is not None and e.kind.name in ("TASK", "PY_TASK") for e in entries):
+            return own
+    return _cached_task_manager(path)
 
 
 def check_task_names(manager, tasks: list, include_path: str | None = None) -> None:

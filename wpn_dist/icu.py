@@ -4,7 +4,8 @@ its harmful responses (sentence BLEU below a threshold) counts as unlearned and 
 epoch's loss. Flags are recomputed every epoch, so a sample can come back.
 
 BLEU is computed here (no nltk): BLEU-4 on whitespace tokens against all harmful responses as
-references, with nltk's "method1" smoothing (a zero n-gram count becomes 0.1) and the brevity penalty.
+references, with the brevity penalty and, as nltk's ``sentence_bleu`` by default, no smoothing: a
+continuation sharing no 4-gram with the references scores 0.
 """
 import math
 from collections import Counter
@@ -16,7 +17,7 @@ def _ngrams(tokens: list, n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def sentence_bleu(candidate: str, references: list, max_n: int = 4, epsilon: float = 0.1) -> float:
+def sentence_bleu(candidate: str, references: list, max_n: int = 4) -> float:
     hyp = candidate.split()
     refs = [r.split() for r in references]
     if not hyp:
@@ -31,7 +32,9 @@ def sentence_bleu(candidate: str, references: list, max_n: int = 4, epsilon: flo
         for ref in refs:
             max_ref |= _ngrams(ref, n)
         matched = sum(min(c, max_ref[g]) for g, c in counts.items())
-        log_precision += math.log((matched or epsilon) / total) / max_n
+        if matched == 0:
+            return 0.0
+        log_precision += math.log(matched / total) / max_n
     closest = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
     brevity = 1.0 if len(hyp) > closest else math.exp(1 - closest / len(hyp))
     return brevity * math.exp(log_precision)

@@ -29,7 +29,8 @@ class RunLogger:
             self.writer.add_scalar(name, value, step)
         self.rows.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.rows.flush()
-        self.bar.set_postfix(loss=f"{values.get('loss/total', float('nan')):.4f}")
+        if "loss/total" in values:
+            self.bar.set_postfix(loss=f"{values['loss/total']:.4f}")
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

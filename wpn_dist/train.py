@@ -25,7 +25,7 @@ from wpn_dist import distributed, faults, toy
 from wpn_dist.config import ConfigError, RunConfig, parse_config
 from wpn_dist.data import BatchMaker, DataError, ShardedSampler, detect_format, encode_examples, examples_from_rows, \
     read_jsonl, read_normal_jsonl, read_pku_saferlhf
-from wpn_dist.evaluate import evaluate_toy, toy_splits
+from wpn_dist.evaluate import evaluate_model, evaluation_inputs
 from wpn_dist.methods import extra_row_groups, needs_reference
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
@@ -154,9 +154,13 @@ def main(argv=None) -> dict:
         examples, encoded, normal_rows, data_notes = load_data(cfg, tokenizer, world)
         batches = BatchMaker(encoded, examples, tokenizer, cfg.data.prompt_format, cfg.data.max_length,
                              extra_row_groups(cfg.method), normal_rows, cfg.train.seed)
+        evaluation = None
+        if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts):
+            evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, cfg.data.normal_data, cfg.eval.judge,
+                                           cfg.eval.judge_harmless_labels)
         if cfg.train.output_dir is not None:
             check_output_dir(cfg.train.output_dir, cfg.train.overwrite_output_dir, cfg.train.resume)
-    except (ConfigError, DataError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConfigError, DataError and bad judge options
         distributed.fail(str(e))
 
     # 2. Process group, run directory, resolved config.
@@ -211,10 +215,14 @@ def main(argv=None) -> dict:
                               distributed.world_size(), cfg.train.seed)
     cursor, first_step, results = DataCursor(make_sampler, range(len(encoded))), 1, {}
     evaluate_now = None
-    if cfg.eval.evaluate and world is not None:
-        def evaluate_now(splits=None, utility=True):
-            result = evaluate_toy(engine.module, tokenizer, world, cfg.data.prompt_format, cfg.eval.max_new_tokens,
-                                  cfg.eval.eval_batch_size, splits=splits, utility=utility)
+    if cfg.eval.evaluate and evaluation is not None:
+        splits, judge, normal_rows_eval = evaluation
+
+        def evaluate_now(only_first_split=False):
+            chosen = dict([next(iter(splits.items()))]) if only_first_split else splits
+            result = evaluate_model(engine.module, tokenizer, chosen, judge, [] if only_first_split else normal_rows_eval,
+                                    cfg.data.prompt_format, cfg.eval.max_new_tokens, cfg.eval.eval_batch_size,
+                                    cfg.data.max_length)
             # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
             engine.empty_partition_cache()
             return result
@@ -285,8 +293,8 @@ def main(argv=None) -> dict:
             total_tokens += tokens
             window_start, window_tokens = time.time(), 0
         if evaluate_now is not None and cfg.eval.eval_every and step % cfg.eval.eval_every == 0:
-            rate = evaluate_now({"id": toy_splits(world)["id"]}, utility=False)["harmless_rate"]["id"]["rate"]
-            logger.log(step, {"eval/harmless_rate": rate})
+            rates = evaluate_now(only_first_split=True)["harmless_rate"]
+            logger.log(step, {"eval/harmless_rate": next(iter(rates.values()))["rate"]})
             window_start = time.time()  # evaluation time is not step time
         if faults.injected("usr1_last_rank_at_step", step) and distributed.rank() == distributed.world_size() - 1:
             os.kill(os.getpid(), signal.SIGUSR1)
