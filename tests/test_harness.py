@@ -1,11 +1,14 @@
 """run_lm_eval on a tiny local lm_eval task (tests/fixtures/lm_eval_toy: the toy world's facts as
-8-way multiple choice) with a tiny OPT trained here on those facts: the result's shape, ``limit``,
-clear errors, and (2 CPU ranks, one launcher run) both modes giving the single-process numbers."""
+8-way multiple choice) with a tiny OPT trained here on half of those facts: the result's shape,
+``limit``, clear errors, and (2 CPU ranks, one launcher run) both modes giving the single-process
+numbers on every rank, and a failure on a rank raised on every rank."""
 import json
 import os
 import random
+import re
 import sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +31,18 @@ def offline_in_repo(tmp_path_factory):
             patch.setenv(key, value)
         patch.chdir(REPO)
         yield
+
+
+def toy_world_docs():
+    """The fixture's rows, from the default toy world: a colour and a home question per object."""
+    world = toy.make_world(toy.ToyWorldConfig())
+    rows = []
+    for name, (color, place) in world.objects.items():
+        rows.append({"question": toy.COLOR_TEMPLATES[0].format(o=name),
+                     "choices": [f"the {name} is {c} ." for c in toy.COLORS], "label": toy.COLORS.index(color)})
+        rows.append({"question": toy.PLACE_TEMPLATES[0].format(o=name),
+                     "choices": [f"the {name} lives in {p} ." for p in toy.PLACES], "label": toy.PLACES.index(place)})
+    return rows
 
 
 def read_docs():
@@ -68,8 +83,17 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local(trained):
     model, tokenizer, _ = trained
-    return {"full": harness.run_lm_eval(model, tokenizer, [TASK], include_path=FIXTURE),
+    rng_state = torch.get_rng_state()
+    model.train()  # as if called during training: the mode is restored afterwards
+    full = harness.run_lm_eval(model, tokenizer, [TASK], include_path=FIXTURE)
+    kept = model.training and torch.equal(torch.get_rng_state(), rng_state)
+    model.eval()
+    return {"full": full, "kept_state": kept,
             "limit": harness.run_lm_eval(model, tokenizer, [TASK], include_path=FIXTURE, limit=15)}
+
+
+def test_fixture_holds_the_toy_worlds_facts():
+    assert read_docs() == toy_world_docs(), "the toy world changed: PYTHONPATH=. python tests/test_harness.py"
 
 
 def test_rank0_without_process_group(local):
@@ -82,6 +106,7 @@ def test_rank0_without_process_group(local):
     assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["acc_norm"] <= 1.0
     assert 0.4 < row["acc"] < 0.7  # knows the half it was trained on; chance on the rest
     assert round(row["acc"] * 96, 6) == int(round(row["acc"] * 96))  # a fraction of the 96 docs
+    assert local["kept_state"]  # train mode and the global RNG state as they were
 
 
 def test_limit_bounds_the_documents(local):
@@ -94,7 +119,8 @@ def test_bad_tasks_and_modes_fail_clearly(trained, monkeypatch):
     model, tokenizer, _ = trained
     with pytest.raises(ValueError, match=r"--lm_eval_tasks: unknown task 'wpn_toy_q' \(did you mean: wpn_toy_qa"):
         harness.run_lm_eval(model, tokenizer, ["wpn_toy_q"], include_path=FIXTURE)
-    with pytest.raises(ValueError, match=f"unknown task 'no_such_task_xyz': .* nor {FIXTURE}.*--lm_eval_include_path"):
+    where = f"it is neither among lm_eval's tasks nor in {re.escape(FIXTURE)}; .*--lm_eval_include_path"
+    with pytest.raises(ValueError, match=f"unknown task 'no_such_task_xyz': {where}"):
         harness.run_lm_eval(model, tokenizer, ["no_such_task_xyz"], include_path=FIXTURE)
     with pytest.raises(ValueError, match="--lm_eval_mode"):
         harness.run_lm_eval(model, tokenizer, [TASK], mode="everywhere")
@@ -109,6 +135,9 @@ def test_bad_tasks_and_modes_fail_clearly(trained, monkeypatch):
 
 def test_two_ranks_both_modes_match_one_process(trained, local):
     work = trained[2]
+    (work / "broken").mkdir()
+    broken = (Path(FIXTURE) / "toy_qa.yaml").read_text().replace("task: wpn_toy_qa", "task: wpn_broken")
+    (work / "broken" / "broken.yaml").write_text(broken.replace("toy_qa.jsonl", "missing.jsonl"))
     run_deepspeed(["tests/dist_scripts/lm_eval_modes.py", str(work)], **OFFLINE,
                   HF_DATASETS_CACHE=os.environ["HF_DATASETS_CACHE"])
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
@@ -117,3 +146,10 @@ def test_two_ranks_both_modes_match_one_process(trained, local):
     for mode, want in (("rank0", local["full"]), ("sharded", local["full"]), ("sharded_limit", local["limit"])):
         for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_docs"):
             assert got[mode][TASK][key] == pytest.approx(want[TASK][key], abs=1e-9), (mode, key)
+    assert "lm_eval failed on a rank: rank 0: FileNotFoundError" in got["broken_rank0"]
+    assert "lm_eval failed on a rank: rank 0: FileNotFoundError" in got["broken_sharded"]
+
+
+if __name__ == "__main__":  # rewrite the fixture's data from the toy world
+    with open(os.path.join(FIXTURE, "toy_qa.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in toy_world_docs())

@@ -137,7 +137,9 @@ def toy_splits(world) -> dict:
 
 
 def toy_normal_rows(world) -> list:
-    return [{"prompt": q, "response": full, "answer": answer} for q, answer, full in world.qa_items()]
+    """Utility data of the toy world: the facts of the objects outside the retain data."""
+    return [{"prompt": q, "response": full, "answer": answer}
+            for q, answer, full in world.qa_items(world.utility_objects())]
 
 
 def evaluate_toy(model, tokenizer, world, prompt_format: str, max_new_tokens: int, batch_size: int,
@@ -241,7 +243,8 @@ def main(argv=None) -> dict:
         from .harness import run_lm_eval
         result["lm_eval"] = run_lm_eval(model, tokenizer, [t.strip() for t in args.lm_eval_tasks.split(",")],
                                         include_path=args.lm_eval_include_path, limit=args.lm_eval_limit,
-                                        num_fewshot=args.lm_eval_num_fewshot, mode=args.lm_eval_mode)
+                                        num_fewshot=args.lm_eval_num_fewshot, batch_size=args.batch_size,
+                                        mode=args.lm_eval_mode)
     generations = result.pop("samples")
     if distributed.is_main():
         if args.out:
@@ -260,7 +263,8 @@ def main(argv=None) -> dict:
         if "perplexity" in result:
             print(f"perplexity of normal responses: {result['perplexity']:.3f}")
         for task, metrics in result.get("lm_eval", {}).items():
-            print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            print(f"lm-eval {task} ({metrics.get('num_docs', '?')} documents): " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     distributed.shutdown()
     return result
 

@@ -12,6 +12,7 @@ exported ``hf/`` directory, not a ZeRO-3-partitioned engine) on lm_eval tasks, w
 Without a process group both modes evaluate locally.
 """
 import contextlib
+import datetime
 import difflib
 import functools
 import os
@@ -22,6 +23,7 @@ import torch
 from . import distributed
 
 MODES = ("rank0", "sharded")
+WAIT_HOURS = 24  # how long, in rank0 mode, the other ranks wait for rank 0
 
 
 def import_lm_eval():
@@ -50,7 +52,7 @@ def run_lm_eval(model, tokenizer, tasks: list, include_path: str | None = None,
     """
     if mode not in MODES:
         raise ValueError(f"--lm_eval_mode must be one of {', '.join(MODES)}, got {mode!r}")
-    tasks = [t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks) if t.strip()]
+    tasks = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not tasks:
         raise ValueError("--lm_eval_tasks is empty: name at least one lm_eval task")
     if include_path is not None and not os.path.exists(include_path):
@@ -66,7 +68,9 @@ def run_lm_eval(model, tokenizer, tasks: list, include_path: str | None = None,
                                  batch_size, bootstrap_iters)
     if world == 1:
         return evaluate(rank=0, world=1)
+    waiting = None
     if mode == "rank0":
+        waiting = _waiting_group()  # created by every rank before rank 0 starts
         outcome = _attempt(evaluate, rank=0, world=1) if distributed.rank() == 0 else None
     else:
         outcome = _attempt(evaluate, rank=distributed.rank(), world=world)
@@ -74,10 +78,18 @@ def run_lm_eval(model, tokenizer, tasks: list, include_path: str | None = None,
         failures = [o for o in distributed.gather_objects(outcome) if "error" in o]
         if failures:
             outcome = failures[0]
-    outcome = distributed.broadcast_object(outcome if distributed.rank() == 0 else None)
+    outcome = distributed.broadcast_object(outcome if distributed.rank() == 0 else None, group=waiting)
     if "error" in outcome:
         raise RuntimeError(f"lm_eval failed on a rank: {outcome['error']}")
     return outcome["results"]
+
+
+@functools.cache
+def _waiting_group():
+    """A gloo group of every rank whose collectives time out after WAIT_HOURS: in rank0 mode the other
+    ranks wait for rank 0's results longer than the process group's timeout (30 min by default)."""
+    import torch.distributed as dist
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
 
 
 @functools.lru_cache(maxsize=4)
@@ -106,8 +118,8 @@ def check_task_names(manager, tasks: list, include_path: str | None = None) -> N
             continue
         close = difflib.get_close_matches(name, manager.all_tasks, n=3)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-        where = f"lm_eval's tasks nor {include_path}" if include_path else "lm_eval's tasks"
-        raise ValueError(f"--lm_eval_tasks: unknown task {name!r}{hint}: it is in neither {where}; "
+        where = f"neither among lm_eval's tasks nor in {include_path}" if include_path else "not among lm_eval's tasks"
+        raise ValueError(f"--lm_eval_tasks: unknown task {name!r}{hint}: it is {where}; "
                          "tasks of your own go in a directory given with --lm_eval_include_path")
 
 
@@ -124,11 +136,11 @@ def _evaluate(model, tokenizer, tasks, manager, limit, num_fewshot, batch_size, 
     rank 0's; other ranks get None."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    lm = (HFLM if world == 1 else _sharded_lm_class())(pretrained=model, tokenizer=tokenizer,
-                                                       batch_size=batch_size)
-    lm._rank, lm._world_size = rank, world  # HFLM assumes one process for an in-memory model
-    was_training = model.training
+    was_training = model.training  # HFLM puts the model in eval mode
     try:
+        lm = (HFLM if world == 1 else _sharded_lm_class())(pretrained=model, tokenizer=tokenizer,
+                                                           batch_size=batch_size)
+        lm._rank, lm._world_size = rank, world  # HFLM assumes one process for an in-memory model
         with _rng_state_kept():  # simple_evaluate seeds the global RNGs
             out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                   num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,

@@ -104,10 +104,11 @@ class ToyWorld:
         return [{"prompt": self.harmful_prompt(i, t), "harmless": self.refusal(t),
                  "harmful": self.harmful_responses(t)} for i, t in self.train_pairs]
 
-    def qa_items(self) -> list:
-        """(question, answer word, full answer) for every fact."""
+    def qa_items(self, objects: list | None = None) -> list:
+        """(question, answer word, full answer) for every fact (of ``objects``, default all)."""
         items = []
-        for name, (color, place) in self.objects.items():
+        for name in objects if objects is not None else self.objects:
+            color, place = self.objects[name]
             for tpl in COLOR_TEMPLATES:
                 items.append((tpl.format(o=name), color, f"the {name} is {color} ."))
             for tpl in PLACE_TEMPLATES:
@@ -145,10 +146,19 @@ class ToyWorld:
             prompts.append(("random_suffix", p + " " + " ".join(rng.choice(ordinary) for _ in range(RANDOM_SUFFIX_WORDS)), t))
         return prompts
 
+    def retain_objects(self) -> list:
+        """Half the objects: their facts are the normal data that retain terms may train on. Utility is
+        measured on the facts of the other half, which no method sees during unlearning."""
+        names = sorted(self.objects)
+        return names[: len(names) // 2]
+
+    def utility_objects(self) -> list:
+        return sorted(set(self.objects) - set(self.retain_objects()))
+
     def normal_rows(self) -> list:
-        """The normal data, ``{"prompt", "response"}`` rows: the QA facts (utility data for the
-        baselines' retain terms and for perplexity)."""
-        return [{"prompt": q, "response": full} for q, _, full in self.qa_items()]
+        """The normal data, ``{"prompt", "response"}`` rows: the retain objects' QA facts (GA's random
+        answers and KL term, WPN's retain term)."""
+        return [{"prompt": q, "response": full} for q, _, full in self.qa_items(self.retain_objects())]
 
     def vocabulary(self) -> list:
         words = set(BASE_WORDS) | set(self.topics) | set(self.harm_words) | set(self.objects)

@@ -21,6 +21,11 @@ task = dict(tasks=["wpn_toy_qa"], include_path="tests/fixtures/lm_eval_toy", bat
 got = {"rank0": run_lm_eval(model, tokenizer, mode="rank0", **task),
        "sharded": run_lm_eval(model, tokenizer, mode="sharded", **task),
        "sharded_limit": run_lm_eval(model, tokenizer, mode="sharded", limit=15, **task)}
+for mode in ("rank0", "sharded"):  # a task whose data file is missing: every rank raises, none hangs
+    try:
+        run_lm_eval(model, tokenizer, ["wpn_broken"], include_path=os.path.join(work, "broken"), mode=mode)
+    except RuntimeError as e:
+        got[f"broken_{mode}"] = str(e)
 with open(os.path.join(work, f"rank{distributed.rank()}.json"), "w") as f:
     json.dump(got, f)
 distributed.shutdown()
