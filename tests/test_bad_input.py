@@ -90,6 +90,10 @@ def test_overlong_prompt_is_an_error_or_dropped_with_a_count(tmp_path, capsys, e
     (["--model", "opt-7b"], "--model 'opt-7b' is neither a known model"),
     (["--model", "/nonexistent/checkpoint"], "is neither a known model"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--method", "dpo"], "argument --method: invalid choice: 'dpo'"),
+    (["--ga_kl_weight", "-1"], "--ga_kl_weight must be >= 0"),
+    (["--normal_data", "/nonexistent/normal.jsonl"], "--normal_data /nonexistent/normal.jsonl: no such file"),
+    (["--judge", "/nonexistent/judge"], "--judge"),
 ])
 def test_bad_options(argv, expected, capsys, existing_run):
     message = run_expecting_error(capsys, argv + ["--output_dir", str(existing_run), "--overwrite_output_dir"])
@@ -119,3 +123,13 @@ def test_error_is_one_line_from_a_real_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"wpn_dist: error: {path}:2: a row must be a JSON object with "
                                                   "prompt, harmless and harmful"]
+
+
+def test_methods_that_need_normal_data_ask_for_it(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(GOOD_ROW)])
+    base = ["--model", "tiny-opt", "--model_init", "random", "--data", path]
+    assert "--method ga with these options needs --normal_data" in run_expecting_error(capsys, base + ["--method", "ga"])
+    assert "needs --normal_data" in run_expecting_error(capsys, base + ["--retain_weight", "1"])
+    normal = write_jsonl(tmp_path / "normal.jsonl", [json.dumps({"prompt": "hi"})])
+    message = run_expecting_error(capsys, base + ["--method", "ga", "--normal_data", normal])
+    assert "normal.jsonl:1: field 'response' must be a non-empty string" in message

@@ -84,8 +84,9 @@ class MethodArguments:
     positive_lm_weight: Optional[float] = field(default=None, metadata={
         "help": "Weight of the token cross-entropy of the harmless response given the prompt, added to the N-pair "
                 "loss (our choice, not the paper's). Default: 0 for real models, 1 for the toy world."})
-    retain_weight: float = field(default=0.0, metadata={
-        "help": "Weight of a retain term on normal data (--normal_data), added to the N-pair loss (our choice)."})
+    retain_weight: Optional[float] = field(default=None, metadata={
+        "help": "Weight of a retain term on normal data (--normal_data), added to the N-pair loss (our choice). "
+                "Default: 0 for real models, 1 for the toy world."})
     retain_loss: Literal["ce", "kl"] = field(default="ce", metadata={
         "help": "Retain term: cross-entropy of the normal responses, or KL from the frozen original model."})
     # --- GA (Yao et al. 2023)
@@ -124,7 +125,7 @@ class TrainArguments:
     steps: int = field(default=120, metadata={"help": "Optimizer steps."})
     micro_batch_size: int = field(default=8, metadata={"help": "Examples per rank per forward pass."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default 1e-5; 1e-4 for the toy world)."})
+    lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default 1e-5; 5e-4 for the toy world)."})
     warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})

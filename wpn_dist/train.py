@@ -30,7 +30,7 @@ from wpn_dist.methods import extra_row_groups, needs_reference
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
-TOY_LR = 1e-4
+TOY_LR = 5e-4
 DEFAULT_LR = 1e-5
 
 
@@ -39,8 +39,12 @@ def resolve_defaults(cfg: RunConfig) -> None:
     is_toy = cfg.model.model == "toy"
     if cfg.train.lr is None:
         cfg.train.lr = TOY_LR if is_toy else DEFAULT_LR
+    # The toy world's WPN defaults come from the toy benchmark's ablation (README, "The efficacy table").
+    toy_wpn = is_toy and cfg.method.method == "wpn"
     if cfg.method.positive_lm_weight is None:
-        cfg.method.positive_lm_weight = 1.0 if is_toy and cfg.method.method == "wpn" else 0.0
+        cfg.method.positive_lm_weight = 1.0 if toy_wpn else 0.0
+    if cfg.method.retain_weight is None:
+        cfg.method.retain_weight = 1.0 if toy_wpn else 0.0
     if cfg.data.normal_data is None and cfg.data.data == "toy":
         cfg.data.normal_data = "toy"
     if is_toy and cfg.data.data != "toy":
