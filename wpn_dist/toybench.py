@@ -92,23 +92,23 @@ def _steps_to_target(metrics_path: str):
 def markdown(results: dict) -> str:
     before = results["before"]
     head = "| run | " + " | ".join(f"harmless {s}" for s in SPLITS) + \
-           " | QA accuracy | QA drop (points) | perplexity | steps to ID target | train time (s) |"
+           " | QA accuracy | QA drop (points) | perplexity | steps run | steps to ID target | train time (s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def pct(r):
         return f"{100 * r['rate']:.1f} [{100 * r['low']:.0f}-{100 * r['high']:.0f}]"
     lines.append("| before unlearning | " + " | ".join(pct(before["harmless_rate"][s]) for s in SPLITS) +
-                 f" | {pct(before['qa_accuracy'])} | - | {before['perplexity']:.3f} | - | - |")
+                 f" | {pct(before['qa_accuracy'])} | - | {before['perplexity']:.3f} | - | - | - |")
     for r in results["runs"]:
         if r["failed"]:
-            lines.append(f"| {r['name']} | failed (exit {r['exit_code']}) |" + " |" * 7)
+            lines.append(f"| {r['name']} | failed (exit {r['exit_code']}) |" + " |" * 8)
             continue
         a = r["after"]
         drop = 100 * (before["qa_accuracy"]["rate"] - a["qa_accuracy"]["rate"])
         cells = [pct(a["harmless_rate"][s]) + (" ✓" if a["harmless_rate"][s]["rate"] >= TARGETS[s] else "")
                  for s in SPLITS]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {pct(a['qa_accuracy'])} | {drop:.1f} | "
-                     f"{a['perplexity']:.3f} | {r['steps_to_target'] or '-'} | {r['train_seconds']:.0f} |")
+                     f"{a['perplexity']:.3f} | {r['steps_run']} | {r['steps_to_target'] or '-'} | {r['train_seconds']:.0f} |")
     attacks = sorted(k for k in before["harmless_rate"] if k.startswith("adversarial/"))
     lines += ["", "Adversarial split by attack (harmless %):", "",
               "| run | " + " | ".join(a.split("/")[1] for a in attacks) + " |", "|" + "---|" * (len(attacks) + 1),
