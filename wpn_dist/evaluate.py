@@ -142,15 +142,6 @@ def toy_normal_rows(world) -> list:
             for q, answer, full in world.qa_items(world.utility_objects())]
 
 
-def evaluate_toy(model, tokenizer, world, prompt_format: str, max_new_tokens: int, batch_size: int,
-                 judge=None, splits: dict | None = None, utility: bool = True) -> dict:
-    """evaluate_model on the toy world's splits (default: all), judged by its rule unless ``judge``;
-    utility (QA accuracy, perplexity) unless ``utility=False``."""
-    judge = judge or (lambda prompts, responses: [world.judge(r) for r in responses])
-    return evaluate_model(model, tokenizer, splits or toy_splits(world), judge,
-                          toy_normal_rows(world) if utility else [], prompt_format, max_new_tokens, batch_size)
-
-
 def read_eval_prompts(path: str) -> dict:
     """Harmful evaluation prompts, a JSONL file of {prompt, split} rows (split default "eval"),
     as split -> prompts."""

@@ -56,9 +56,23 @@ def launcher(world_size: int) -> list:
             "--master_port", str(_free_port())]
 
 
+def _end_session(proc: subprocess.Popen) -> None:
+    """Stop the launcher and the ranks it started (they share its session): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def launch(command: list, log_path: str, timeout_s: float) -> tuple:
-    """Run ``command`` in its own session with output to ``log_path``; on timeout end that session.
-    Returns (exit code, timed out)."""
+    """Run ``command`` in its own session with output to ``log_path``; on timeout, or when this process
+    is interrupted or terminated, end that session. Returns (exit code, timed out)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     if on_cpu():
@@ -69,29 +83,28 @@ def launch(command: list, log_path: str, timeout_s: float) -> tuple:
         try:
             return proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
-            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-                try:
-                    os.killpg(proc.pid, sig)  # the launcher and the ranks it started
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _end_session(proc)
             return proc.returncode, True
+        except BaseException:  # Ctrl-C, or SIGTERM (main turns it into SystemExit): leave no rank behind
+            _end_session(proc)
+            raise
 
 
 def error_tail(log_path: str, limit: int = 2000) -> str:
-    """The end of a log, from its last traceback if it has one."""
+    """What went wrong, from a log: its last traceback up to the exception line if it has one, else
+    its last characters."""
     try:
         with open(log_path, errors="replace") as f:
-            text = f.read()
+            lines = f.read().splitlines()
     except OSError:
         return ""
-    start = text.rfind("Traceback (most recent call last)")
-    tail = text[start:] if start >= 0 else text
-    return tail[-limit:]
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    if not starts:
+        return "\n".join(lines)[-limit:]
+    end = starts[-1] + 1
+    while end < len(lines) and (lines[end].startswith(" ") or not lines[end].strip()):
+        end += 1
+    return "\n".join(lines[starts[-1]:end + 1])[-limit:]
 
 
 def failure_kind(tail: str, code: int | None, timed_out: bool) -> str:
@@ -117,20 +130,32 @@ def measured_row(point: dict, raw: dict) -> dict:
     return row
 
 
-def run_measured(point: dict, run_dir: str, log_path: str) -> dict:
+def run_measured(point: dict, run_dir: str, log_path: str, limit_s: float) -> dict:
     point_path, result_path = os.path.join(run_dir, "point.json"), os.path.join(run_dir, "result.json")
     with open(point_path, "w") as f:
         json.dump(point, f, indent=2)
     if os.path.exists(result_path):
         os.remove(result_path)
     command = launcher(point["world_size"]) + [WORKER, "--point", point_path, "--result", result_path]
-    code, timed_out = launch(command, log_path, point["timeout_s"])
+    code, timed_out = launch(command, log_path, limit_s)
     if code == 0 and not timed_out and os.path.isfile(result_path):
         with open(result_path) as f:
             return {**measured_row(point, json.load(f)), "status": "ok", "command": " ".join(command)}
+    return failed_row(point, command, log_path, code, timed_out, limit_s)
+
+
+def failed_row(point: dict, command: list, log_path: str, code: int | None, timed_out: bool,
+               limit_s: float) -> dict:
+    """The row of a failed launch. A point stopped by the sweep's time budget rather than by its own
+    timeout_s has failure "budget": it is not recorded, and runs again next time."""
     tail = error_tail(log_path)
-    return {**point, "status": "failed", "failure": failure_kind(tail, code, timed_out), "exit_code": code,
-            "error_tail": tail, "command": " ".join(command)}
+    kind = failure_kind(tail, code, timed_out)
+    if timed_out:
+        if limit_s < point["timeout_s"]:
+            kind = "budget"
+        tail = f"no result within {limit_s:.0f}s: the launcher and its ranks were ended\n" + tail
+    return {**point, "status": "failed", "failure": kind, "exit_code": code, "error_tail": tail,
+            "command": " ".join(command)}
 
 
 def toy_command(point: dict, run_dir: str) -> list:
@@ -178,21 +203,21 @@ def toy_numbers(metrics_path: str, point: dict) -> dict:
         out["time_to_unlearn_s"] = reached[0] * out["step_time_median_s"]
         out["time_to_unlearn_source"] = "measured: toy steps_to_target x median step time"
     else:
-        out["time_to_unlearn_source"] = f"target {point['target_harmless_rate']} not reached in {point['steps']} steps"
+        best = max((rate for _, rate in rates), default=None)
+        out["time_to_unlearn_source"] = (f"target {point['target_harmless_rate']} not reached in the "
+                                         f"{times[-1][0] if times else 0} steps run (best rate {best})")
     return out
 
 
-def run_toy(point: dict, run_dir: str, log_path: str) -> dict:
+def run_toy(point: dict, run_dir: str, log_path: str, limit_s: float) -> dict:
     command = toy_command(point, run_dir)
-    code, timed_out = launch(command, log_path, point["timeout_s"])
+    code, timed_out = launch(command, log_path, limit_s)
     metrics = os.path.join(run_dir, "run", "metrics.jsonl")
     if code == 0 and not timed_out and os.path.isfile(metrics):
         row = {**point, **toy_numbers(metrics, point), "status": "ok", "command": " ".join(command)}
         row["memory_kind"] = "process peak RSS" if on_cpu() else "cuda max_memory_allocated"
         return row
-    tail = error_tail(log_path)
-    return {**point, "status": "failed", "failure": failure_kind(tail, code, timed_out), "exit_code": code,
-            "error_tail": tail, "command": " ".join(command)}
+    return failed_row(point, command, log_path, code, timed_out, limit_s)
 
 
 _MACHINE = {}
@@ -202,11 +227,12 @@ def machine_info() -> dict:
     """This machine's description (for rows that did not get one from a worker)."""
     if not _MACHINE:
         from .scaling_metrics import machine
-        _MACHINE.update(machine(not on_cpu()))
+        _MACHINE.update(machine(not on_cpu(), query_cuda=False))
     return dict(_MACHINE)
 
 
-def run_point(point: dict, out: str) -> dict:
+def run_point(point: dict, out: str, limit_s: float | None = None) -> dict:
+    """Run one point (at most ``limit_s`` seconds, else its timeout_s) and return its row."""
     pid, name = grid_lib.point_id(point), grid_lib.label(point)
     base = {"point_id": pid, "label": name, "projected": False,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -219,7 +245,8 @@ def run_point(point: dict, out: str) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
         log_path = os.path.join(out, "logs", f"{name}-{pid[:8]}.log")
-        row = (run_toy if point["toy"] else run_measured)(point, run_dir, log_path)
+        limit = point["timeout_s"] if limit_s is None else min(limit_s, point["timeout_s"])
+        row = (run_toy if point["toy"] else run_measured)(point, run_dir, log_path, limit)
         row["log"] = log_path
     row = {**base, **row, "wall_s": time.time() - started}
     if "python" not in row:
@@ -246,9 +273,15 @@ def select(points: list, only: list) -> list:
     return points
 
 
+MIN_POINT_S = 30  # with a time budget, no point starts with less than this left
+
+
 def sweep(points: list, out: str, retry_failed: bool = False, time_budget_s: float | None = None,
           log=print) -> dict:
-    """Run every point not yet in DIR/rows.jsonl. Returns counts of what happened."""
+    """Run every point not yet in DIR/rows.jsonl. With ``time_budget_s`` the sweep ends within that
+    many seconds (plus up to 30 s to stop a launch): no point starts when less than MIN_POINT_S is left,
+    and a point still running when the budget is spent is stopped and left for the next run, unrecorded.
+    Returns counts of what happened."""
     from .scaling_report import read_rows
     os.makedirs(out, exist_ok=True)
     done = {r["point_id"]: r["status"] for r in read_rows(rows_path(out))}
@@ -264,10 +297,16 @@ def sweep(points: list, out: str, retry_failed: bool = False, time_budget_s: flo
             counts["skipped"] += 1
             log(f"scaling: [{i}/{len(points)}] {name}: {done[pid]} before, skipped")
             continue
-        if time_budget_s is not None and time.time() - started > time_budget_s:
+        remaining = None if time_budget_s is None else time_budget_s - (time.time() - started)
+        if remaining is not None and remaining < MIN_POINT_S:
             counts["left"] += 1
             continue
-        row = run_point(point, out)
+        row = run_point(point, out, remaining)
+        if row.get("failure") == "budget":
+            counts["left"] += 1
+            log(f"scaling: [{i}/{len(points)}] {name}: stopped by the time budget after {row['wall_s']:.0f}s, "
+                f"left for the next run")
+            continue
         with open(rows_path(out), "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         counts["run"] += 1
@@ -289,21 +328,25 @@ def _summary(row: dict) -> str:
     if row.get("mfu") is not None:
         text += f", MFU {100 * row['mfu']:.1f}%"
     if row.get("toy"):
-        text += f", steps to target {row.get('steps_to_target')}, time to unlearn {row.get('time_to_unlearn_s')}"
+        unlearn = row.get("time_to_unlearn_s")
+        text += f", steps to target {row.get('steps_to_target')}, time to unlearn " + \
+            (f"{unlearn:.1f}s" if unlearn is not None else "- (target not reached)")
     return text
 
 
 def table(rows: list) -> str:
     """A short plain-text table of the rows (printed at the end of a sweep)."""
     def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-    lines = [f"{'point':58} {'status':7} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} "
-             f"{'unlearn s':>9}"]
+        width = int(spec.split(".")[0])
+        return f"{'-':>{width}}" if value is None else format(value, spec)
+    lines = [f"{'point':58} {'status':7} {'step s':>8} {'tokens/s':>10} {'vs lm':>6} {'TFLOP/s':>8} {'MFU %':>6} "
+             f"{'mem GiB':>8} {'unlearn s':>9}"]
     for r in rows:
+        mfu = 100 * r["mfu"] if r.get("mfu") is not None else None
         lines.append(f"{r['label'][:58]:58} {r['status']:7} {fmt(r.get('step_time_median_s'), '8.4f')} "
-                     f"{fmt(r.get('tokens_per_s'), '10.0f')} {fmt(r.get('model_tflops_per_gpu'), '8.3f')} "
-                     f"{fmt(r.get('mfu') and 100 * r['mfu'], '6.1f')} {fmt(r.get('peak_memory_gib'), '8.2f')} "
-                     f"{fmt(r.get('time_to_unlearn_s'), '9.1f')}")
+                     f"{fmt(r.get('tokens_per_s'), '10.0f')} {fmt(r.get('tokens_per_s_vs_lm'), '6.2f')} "
+                     f"{fmt(r.get('model_tflops_per_gpu'), '8.3f')} {fmt(mfu, '6.1f')} "
+                     f"{fmt(r.get('peak_memory_gib'), '8.2f')} {fmt(r.get('time_to_unlearn_s'), '9.1f')}")
     return "\n".join(lines)
 
 
@@ -316,7 +359,8 @@ def parse_args(argv=None):
                         help="run only the points whose field has one of these values; repeatable")
     parser.add_argument("--retry_failed", action="store_true", help="run points that failed before again")
     parser.add_argument("--time_budget_s", type=float, default=None,
-                        help="start no new point after this many seconds (a rerun continues)")
+                        help="end the sweep within this many seconds; points not done are left for the same "
+                             "command to run next time")
     parser.add_argument("--list", action="store_true", help="print the points and their state; run nothing")
     projection = parser.add_argument_group("projection to many nodes (wpn_dist/scaling_project.py)")
     projection.add_argument("--project", action="store_true", help="write DIR/projected.csv from the measured rows")
@@ -352,8 +396,15 @@ def load_points(args) -> list:
     return select(points, args.only)
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through launch(), which stops the running point's ranks
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    if on_cpu():  # say so to DeepSpeed here too (its import in this process would warn about guessing)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .scaling_report import read_rows, write_all, write_csv
     try:
         points = load_points(args)

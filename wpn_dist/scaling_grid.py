@@ -66,8 +66,10 @@ PRESETS = {
         "defaults": {"seq_len": 64, "prompt_len": 16, "micro_batch": 2, "steps": 5, "warmup_steps": 2,
                      "timeout_s": 240},
         "sweeps": [
-            {"model": "tiny-opt", "method": ["wpn", "lm"], "negatives": [1, 4]},
+            {"model": "tiny-opt", "method": "wpn", "negatives": [1, 4]},
+            {"model": "tiny-opt", "method": "lm", "negatives": 4},
             {"model": "tiny-gpt-neo", "method": "wpn", "negatives": 4},
+            {"model": "tiny-opt", "method": "wpn", "negatives": 4, "ds_config": "zero2"},
             {"model": "tiny-opt", "method": "wpn", "negatives": 4, "world_size": 2},
         ],
     },
@@ -175,7 +177,8 @@ def point_id(point: dict) -> str:
 def label(point: dict) -> str:
     """A short human-readable name of a point (logs, tensorboard run names)."""
     if point["toy"]:
-        parts = ["toy", str(point["model"]), str(point["method"]), f"w{point['world_size']}"]
+        parts = ["toy"] + ([] if point["model"] == "toy" else [str(point["model"])]) + \
+                [str(point["method"]), f"mb{point['micro_batch']}", str(point["ds_config"]), f"w{point['world_size']}"]
     else:
         parts = [str(point["model"]), str(point["method"]), f"K{point['negatives']}", f"mb{point['micro_batch']}",
                  f"T{point['seq_len']}", str(point["ds_config"]), str(point["precision"]), f"w{point['world_size']}"]

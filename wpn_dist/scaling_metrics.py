@@ -54,9 +54,16 @@ def step_time_stats(times: list) -> dict:
 
 def model_facts(model_name: str) -> dict:
     """Size of a spec (exact parameter count of the random-init architecture)."""
+    from transformers.utils import logging as hf_logging
     from .models import MODEL_SPECS, count_parameters
     spec = MODEL_SPECS[model_name]
-    return {"num_params": count_parameters(spec), "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the meta build's config has no tokenizer ids: its warnings are noise
+    try:
+        num_params = count_parameters(spec)
+    finally:
+        hf_logging.set_verbosity(level)
+    return {"num_params": num_params, "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
             "vocab_size": spec.vocab_size}
 
 
@@ -94,8 +101,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(on_gpu: bool) -> dict:
-    """The hardware and the library versions, for a row."""
+def _gpu_from_nvidia_smi() -> dict:
+    """GPU 0's name and memory without touching CUDA in this process (no context is created)."""
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout.splitlines()
+        name, mib = [x.strip() for x in out[0].split(",")]
+        return {"device_name": name, "device_memory_gib": float(mib) / 1024}
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return {"device_name": None, "device_memory_gib": None}
+
+
+def machine(on_gpu: bool, query_cuda: bool = True) -> dict:
+    """The hardware and the library versions, for a row. ``query_cuda=False`` (the sweep's own process)
+    asks nvidia-smi instead of CUDA, so that the process holds no GPU memory while workers run."""
     import deepspeed
     import torch
     import transformers
@@ -103,9 +123,11 @@ def machine(on_gpu: bool) -> dict:
             "cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
             "cuda": torch.version.cuda}
-    if on_gpu:
+    if on_gpu and query_cuda:
         props = torch.cuda.get_device_properties(0)
         info.update(device_name=torch.cuda.get_device_name(0), device_memory_gib=props.total_memory / 2**30)
+    elif on_gpu:
+        info.update(_gpu_from_nvidia_smi())
     else:
         info.update(device_name=info["cpu_model"], device_memory_gib=None)
     return info

@@ -25,7 +25,7 @@ COLUMNS = [
     "rows_per_step", "tokens_per_step", "reference_tokens_per_step",
     # time
     "step_time_median_s", "step_time_p25_s", "step_time_p75_s", "step_time_min_s", "step_time_max_s",
-    "steps_timed", "tokens_per_s", "tokens_per_s_per_gpu",
+    "steps_timed", "tokens_per_s", "tokens_per_s_per_gpu", "tokens_per_s_vs_lm",
     # FLOPs and utilisation
     "model_flops_per_step", "hardware_flops_per_step", "model_tflops_per_gpu", "hardware_tflops_per_gpu",
     "peak_tflops_per_gpu", "mfu", "hfu",
@@ -73,6 +73,23 @@ def with_estimates(rows: list) -> list:
             row["steps_to_target"] = toy_steps[row["method"]]
             row["time_to_unlearn_s"] = row["steps_to_target"] * row["step_time_median_s"]
             row["time_to_unlearn_source"] = "toy run's steps_to_target x this median step time (estimate)"
+        out.append(row)
+    return out
+
+
+def with_lm_ratio(rows: list) -> list:
+    """Rows with ``tokens_per_s_vs_lm``: a method's tokens/s over that of the ``lm`` row whose config is
+    the same apart from the method (for wpn the same packed batch: the issue's 90% target)."""
+    def key(row):
+        return tuple(json.dumps(row.get(k)) for k in POINT_DEFAULTS if k != "method")
+    lm = {key(r): r["tokens_per_s"] for r in rows
+          if r.get("method") == "lm" and r.get("status") == "ok" and not r.get("toy") and r.get("tokens_per_s")}
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row.get("method") != "lm" and row.get("status") == "ok" and not row.get("toy") and key(row) in lm \
+                and row.get("tokens_per_s"):
+            row["tokens_per_s_vs_lm"] = row["tokens_per_s"] / lm[key(row)]
         out.append(row)
     return out
 
@@ -210,7 +227,7 @@ def write_tensorboard(rows: list, out: str) -> str:
 
 def write_all(rows: list, out: str) -> dict:
     """results.csv, the plots and tensorboard from the rows; returns their paths and the rows as written."""
-    rows = with_estimates(rows)
+    rows = with_lm_ratio(with_estimates(rows))
     csv_path = os.path.join(out, "results.csv")
     write_csv(rows, csv_path)
     return {"csv": csv_path, "plots": write_plots(rows, out), "tensorboard": write_tensorboard(rows, out),
