@@ -40,23 +40,28 @@ class EncodedExample:
 
 # --- readers ---------------------------------------------------------------------------------
 
-def read_jsonl(path: str) -> list:
-    """Rows ``{"prompt": str, "harmless": str, "harmful": [str, ...]}``, one JSON object a line."""
+def jsonl_rows(path: str) -> list:
+    """``(where, row)`` for every non-blank line of a JSONL file, ``where`` being "path:line" for
+    messages. A missing file, a line that is not JSON and a file without rows are DataErrors."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    examples = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                rows.append((f"{path}:{line_no}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            examples.append(_validate_row(row, f"{path}:{line_no}", len(examples)))
-    if not examples:
+    if not rows:
         raise DataError(f"{path}: no rows")
-    return examples
+    return rows
+
+
+def read_jsonl(path: str) -> list:
+    """Rows ``{"prompt": str, "harmless": str, "harmful": [str, ...]}``, one JSON object a line."""
+    return [_validate_row(row, where, i) for i, (where, row) in enumerate(jsonl_rows(path))]
 
 
 def examples_from_rows(rows: list, source: str) -> list:
@@ -239,26 +244,14 @@ def lm_batch(pairs: list, pad_id: int) -> dict:
 def read_normal_jsonl(path: str) -> list:
     """Normal (retain) data: rows ``{"prompt": str, "response": str}`` and optionally ``"answer"``
     (a word the response must contain, for task accuracy). Returns the rows as dicts."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a row must be a JSON object with prompt and response")
-            for name in ("prompt", "response"):
-                if not isinstance(row.get(name), str) or not row[name].strip():
-                    raise DataError(f"{where}: field '{name}' must be a non-empty string")
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be a JSON object with prompt and response")
+        for name in ("prompt", "response"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise DataError(f"{where}: field '{name}' must be a non-empty string")
+        rows.append(row)
     return rows
 
 

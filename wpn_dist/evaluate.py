@@ -145,23 +145,12 @@ def toy_normal_rows(world) -> list:
 def read_eval_prompts(path: str) -> dict:
     """Harmful evaluation prompts, a JSONL file of {prompt, split} rows (split default "eval"),
     as split -> prompts."""
-    from .data import DataError
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+    from .data import DataError, jsonl_rows
     splits: dict = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise DataError(f"{path}:{line_no}: a row must be a JSON object with a non-empty 'prompt'")
-            splits.setdefault(str(row.get("split", "eval")), []).append(row["prompt"])
-    if not splits:
-        raise DataError(f"{path}: no rows")
+    for where, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{where}: a row must be a JSON object with a non-empty 'prompt'")
+        splits.setdefault(str(row.get("split", "eval")), []).append(row["prompt"])
     return splits
 
 
@@ -274,3 +263,4 @@ def _load_for_evaluation(path: str, tokenizer, zero3: bool):
 
 if __name__ == "__main__":
     main()
+    distributed.exit_now()

@@ -219,3 +219,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_now()

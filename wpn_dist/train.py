@@ -311,8 +311,8 @@ def main(argv=None) -> dict:
             logger.close()
             distributed.print0(f"wpn_dist: stop signal: checkpoint {last_saved} saved at step {step}; "
                                f"exiting with status {STOPPED_EXIT_CODE} (continue with --resume auto)")
-            distributed.shutdown()  # so that the exit status stays 99 (see shutdown)
-            sys.exit(STOPPED_EXIT_CODE)
+            distributed.shutdown()  # so that the exit status stays 99 (see shutdown and exit_now)
+            distributed.exit_now(STOPPED_EXIT_CODE)
         faults.crash_if_injected("exit_after_step", step)
     if last_step < cfg.train.steps and last_step >= first_step:  # stopped early (ICU): save where it stopped
         last_saved = checkpoint.save(engine, run_dir, last_step, {"step": last_step, "results": results,
@@ -385,3 +385,4 @@ def format_table(results: dict) -> str:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_now()

@@ -23,3 +23,4 @@ for name in ("tiny-opt", "tiny-gpt-neo"):
 if distributed.is_main():
     json.dump(results, open(sys.argv[-1], "w"))  # the launcher puts --local_rank first
 distributed.shutdown()
+distributed.exit_now()

@@ -116,3 +116,4 @@ if distributed.is_main():
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 distributed.shutdown()
+distributed.exit_now()

@@ -29,3 +29,4 @@ for mode in ("rank0", "sharded"):  # a task whose data file is missing: every ra
 with open(os.path.join(work, f"rank{distributed.rank()}.json"), "w") as f:
     json.dump(got, f)
 distributed.shutdown()
+distributed.exit_now()

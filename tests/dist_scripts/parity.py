@@ -39,3 +39,4 @@ for model_name in models_arg.split(","):
 if distributed.is_main():
     torch.save(results, out_path)
 distributed.shutdown()
+distributed.exit_now()
