@@ -79,7 +79,7 @@ def with_estimates(rows: list) -> list:
 
 def with_lm_ratio(rows: list) -> list:
     """Rows with ``tokens_per_s_vs_lm``: a method's tokens/s over that of the ``lm`` row whose config is
-    the same apart from the method (for wpn the same packed batch: the issue's 90% target)."""
+    the same apart from the method (for wpn the same packed batch: the 90%-of-lm speed target)."""
     def key(row):
         return tuple(json.dumps(row.get(k)) for k in POINT_DEFAULTS if k != "method")
     lm = {key(r): r["tokens_per_s"] for r in rows
