@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .launch import free_port
+
 
 def env_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
@@ -72,19 +74,12 @@ def init(timeout_minutes: int = 30) -> None:
         # One process started as plain `python`: DeepSpeed still wants a (1-rank) group.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl",
                                timeout=timedelta(minutes=timeout_minutes))
     if not on_cpu():
         torch.cuda.set_device(env_local_rank())
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shutdown() -> None:

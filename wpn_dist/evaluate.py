@@ -15,20 +15,26 @@ import torch
 from . import distributed
 
 
+def rank_share(num_items: int) -> list:
+    """This rank's item indices, padded with None to the same count on every rank: under ZeRO-3 every
+    rank must run the same number of forward passes."""
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = list(range(rank, num_items, world))
+    return mine + [None] * (-(-num_items // world) - len(mine))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, prompt_format: str, max_new_tokens: int, batch_size: int) -> list:
     """Greedy continuations of ``prompts`` (all ranks call this with the same list; collective)."""
-    rank, world = distributed.rank(), distributed.world_size()
-    mine = list(range(rank, len(prompts), world))
-    per_rank = -(-len(prompts) // world)
-    mine += [mine[-1] if mine else 0] * (per_rank - len(mine))  # equal batch counts on every rank
+    share = rank_share(len(prompts))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outputs = {}
-    for start in range(0, per_rank, batch_size):
-        indices = mine[start:start + batch_size]
-        texts = [prompt_format.format(prompt=prompts[i]) for i in indices]
+    for start in range(0, len(share), batch_size):
+        indices = share[start:start + batch_size]
+        # Padding slots generate for prompt 0 (to keep in step) and are not kept.
+        texts = [prompt_format.format(prompt=prompts[i if i is not None else 0]) for i in indices]
         encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         width = max(len(e) for e in encoded)
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -39,9 +45,10 @@ def generate(model, tokenizer, prompts: list, prompt_format: str, max_new_tokens
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   synced_gpus=world > 1)
+                                   synced_gpus=distributed.world_size() > 1)
         for row, i in enumerate(indices):
-            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            if i is not None:
+                outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     if was_training:
         model.train()
     merged = {}
@@ -67,17 +74,15 @@ def perplexity(model, tokenizer, rows: list, prompt_format: str, max_length: int
     Sharded over ranks with equal batch counts (collective under ZeRO-3)."""
     from .data import encode_normal, lm_batch
     pairs = encode_normal(rows, tokenizer, prompt_format, max_length)
-    rank, world = distributed.rank(), distributed.world_size()
-    mine = pairs[rank::world]
-    per_rank = -(-len(pairs) // world)
+    share = rank_share(len(pairs))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     nll, tokens = 0.0, 0
-    for start in range(0, per_rank, batch_size):
-        chunk = mine[start:start + batch_size] or pairs[:1]  # a rank with nothing left still runs the forward
-        count = len(mine[start:start + batch_size])
-        batch = lm_batch(chunk, tokenizer.pad_token_id)
+    for start in range(0, len(share), batch_size):
+        indices = share[start:start + batch_size]
+        count = sum(i is not None for i in indices)  # real rows come first; padding runs pair 0, not counted
+        batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"][:count, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(logits[:count, :-1].float().reshape(-1, logits.shape[-1]),
@@ -154,11 +159,11 @@ def read_eval_prompts(path: str) -> dict:
     return splits
 
 
-def evaluation_inputs(world, eval_prompts: str | None, normal_data: str | None, judge: str,
+def evaluation_inputs(world, eval_prompts: str | None, normal_rows: list | None, judge: str,
                       judge_harmless_labels: str | None) -> tuple:
-    """(splits, judge, normal rows) from the options: the toy world's unless files are given.
+    """(splits, judge, normal rows) from the options: the toy world's unless ``eval_prompts`` (a path)
+    or ``normal_rows`` (the rows of --normal_data, read by the caller) are given.
     Raises DataError/ValueError with a one-line message on bad input."""
-    from .data import read_normal_jsonl
     from .judges import make_judge
     if eval_prompts:
         splits = read_eval_prompts(eval_prompts)
@@ -166,12 +171,9 @@ def evaluation_inputs(world, eval_prompts: str | None, normal_data: str | None, 
         splits = toy_splits(world)
     else:
         raise ValueError("nothing to evaluate: give --eval_prompts (a JSONL file of {prompt, split} rows)")
-    if normal_data and normal_data != "toy":
-        normal_rows = read_normal_jsonl(normal_data)
-    else:
+    if normal_rows is None:
         normal_rows = toy_normal_rows(world) if world is not None else []
-    labels = [x.strip() for x in judge_harmless_labels.split(",") if x.strip()] if judge_harmless_labels else None
-    return splits, make_judge(judge, labels, world), normal_rows
+    return splits, make_judge(judge, judge_harmless_labels, world), normal_rows
 
 
 def main(argv=None) -> dict:
@@ -202,14 +204,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from . import models, toy
-    from .data import DataError
+    from .data import DataError, read_normal_jsonl
     try:
         if args.zero3 and args.lm_eval_tasks:
             raise ValueError("--lm_eval_tasks needs the whole model on each rank: leave out --zero3")
         if not models.is_local_model_dir(args.model):
             raise ValueError(f"--model {args.model}: not a local Hugging Face model directory (no config.json)")
         world = toy.make_world(toy.ToyWorldConfig(seed=args.toy_seed)) if args.toy_seed is not None else None
-        splits, judge, normal_rows = evaluation_inputs(world, args.eval_prompts, args.normal_data, args.judge,
+        normal_rows = read_normal_jsonl(args.normal_data) if args.normal_data else None
+        splits, judge, normal_rows = evaluation_inputs(world, args.eval_prompts, normal_rows, args.judge,
                                                        args.judge_harmless_labels)
         tokenizer = models.load_tokenizer(args.model, args.tokenizer)
     except (ValueError, DataError, OSError) as e:

@@ -80,7 +80,7 @@ class ClassifierJudge:
         return [label_id in self.harmless_ids for label_id in self.predict(texts)]
 
 
-def make_judge(spec: str, harmless_labels: list | None, world=None):
+def make_judge(spec: str, harmless_labels: list | str | None, world=None):
     """``--judge rule`` -> RuleJudge(world) (toy world only); anything else is a classifier's directory."""
     if spec == "rule":
         if world is None:

@@ -26,12 +26,11 @@ import argparse
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 from . import scaling_grid as grid_lib
+from .launch import launch, launcher
 from .scaling_grid import GridError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,54 +39,9 @@ TRAIN = os.path.join(REPO, "wpn_dist", "train.py")
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "cuda_error_out_of_memory", "cannot allocate memory")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def on_cpu() -> bool:
     from . import distributed
     return distributed.on_cpu()
-
-
-def launcher(world_size: int) -> list:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
-            "--master_port", str(_free_port())]
-
-
-def _end_session(proc: subprocess.Popen) -> None:
-    """Stop the launcher and the ranks it started (they share its session): SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def launch(command: list, log_path: str, timeout_s: float) -> tuple:
-    """Run ``command`` in its own session with output to ``log_path``; on timeout, or when this process
-    is interrupted or terminated, end that session. Returns (exit code, timed out)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    if on_cpu():
-        env["DS_ACCELERATOR"] = "cpu"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout_s), False
-        except subprocess.TimeoutExpired:
-            _end_session(proc)
-            return proc.returncode, True
-        except BaseException:  # Ctrl-C, or SIGTERM (main turns it into SystemExit): leave no rank behind
-            _end_session(proc)
-            raise
 
 
 def error_tail(log_path: str, limit: int = 2000) -> str:

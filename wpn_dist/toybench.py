@@ -11,14 +11,13 @@ while the others go on.
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .launch import REPO, launch, launcher
+
 SPLITS = ("id", "ood", "adversarial")
-# The ablation of METHOD.md's choices: each row changes one thing from WPN's defaults.
+# The ablation of WPN's choices: each row changes one thing from the defaults.
 ABLATION = {
     "wpn": [],
     "wpn pooling=mean": ["--pooling", "mean"],
@@ -32,12 +31,6 @@ ABLATION = {
 TARGETS = {"id": 0.958, "ood": 0.90, "adversarial": 0.85}  # the toy benchmark's targets (the paper's 95.8% on ID), marked in the table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_one(name: str, args: list, out: str, ranks: int, common: list, log=print) -> dict:
     """One training run (skipped if its summary exists). Returns its record."""
     run_dir = os.path.join(out, "runs", name.replace(" ", "_").replace("=", "-"))
@@ -45,16 +38,13 @@ def run_one(name: str, args: list, out: str, ranks: int, common: list, log=print
     if os.path.isfile(summary_path):
         log(f"toybench: {name}: done before, skipped")
     else:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(_free_port()), os.path.join(REPO, "wpn_dist", "train.py"),
-                   "--output_dir", run_dir, "--overwrite_output_dir", "--export_hf", "false"] + common + args
+        command = launcher(ranks) + [os.path.join(REPO, "wpn_dist", "train.py"), "--output_dir", run_dir,
+                                     "--overwrite_output_dir", "--export_hf", "false"] + common + args
         log(f"toybench: {name}: {' '.join(command[3:])}")
         started = time.time()
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
         log_path = os.path.join(out, "logs", os.path.basename(run_dir) + ".log")
-        with open(log_path, "w") as log_file:
-            code = subprocess.call(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu")))
+        code, _ = launch(command, log_path)
         if code != 0 or not os.path.isfile(summary_path):
             with open(log_path) as f:
                 tail = f.read()[-2000:]

@@ -51,9 +51,10 @@ def resolve_defaults(cfg: RunConfig) -> None:
         raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
 
 
-def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
-    """Read, validate and encode the unlearning data, and read the normal data if the method uses it.
-    Returns (examples, encoded examples, normal rows or None, notes for the log)."""
+def load_data(cfg: RunConfig, tokenizer, world, user_normal_rows: list | None) -> tuple:
+    """Read, validate and encode the unlearning data, and pick the normal data if the method uses it
+    (the rows of --normal_data, or the toy world's). Returns (examples, encoded examples, normal rows or
+    None, notes for the log)."""
     data = cfg.data
     fmt = data.data_format
     if data.data == "toy":
@@ -77,7 +78,7 @@ def load_data(cfg: RunConfig, tokenizer, world) -> tuple:
         if data.normal_data is None:
             raise ConfigError(f"--method {cfg.method.method} with these options needs --normal_data "
                               f"(a JSONL file of {{prompt, response}} rows)")
-        normal_rows = world.normal_rows() if data.normal_data == "toy" else read_normal_jsonl(data.normal_data)
+        normal_rows = world.normal_rows() if data.normal_data == "toy" else user_normal_rows
         notes += f"; {len(normal_rows)} normal rows from {data.normal_data}"
     return examples, encoded, normal_rows, notes
 
@@ -155,12 +156,16 @@ def main(argv=None) -> dict:
             tokenizer = toy.make_tokenizer(world)
         else:
             tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
-        examples, encoded, normal_rows, data_notes = load_data(cfg, tokenizer, world)
+        # --normal_data is read once: training (GA, retain terms) and evaluation (utility) both use it.
+        user_normal_rows = None
+        if cfg.data.normal_data not in (None, "toy"):
+            user_normal_rows = read_normal_jsonl(cfg.data.normal_data)
+        examples, encoded, normal_rows, data_notes = load_data(cfg, tokenizer, world, user_normal_rows)
         batches = BatchMaker(encoded, examples, tokenizer, cfg.data.prompt_format, cfg.data.max_length,
                              extra_row_groups(cfg.method), normal_rows, cfg.train.seed)
         evaluation = None
         if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts):
-            evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, cfg.data.normal_data, cfg.eval.judge,
+            evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, user_normal_rows, cfg.eval.judge,
                                            cfg.eval.judge_harmless_labels)
         if cfg.train.output_dir is not None:
             check_output_dir(cfg.train.output_dir, cfg.train.overwrite_output_dir, cfg.train.resume)
@@ -369,9 +374,10 @@ def format_table(results: dict) -> str:
         return f"{100 * r['rate']:5.1f}% [{100 * r['low']:.0f}-{100 * r['high']:.0f}]"
     after = results["after"]
     lines = ["", f"{'':34}" + "".join(f"{c:>18}" for c in columns)]
-    # Aggregates first, each followed by its parts ("adversarial", then "adversarial/role_play", ...).
-    for split, rate in sorted(after["harmless_rate"].items(), key=lambda kv: (kv[0].split("/")[0] != "id",
-                                                                                kv[0].split("/")[0] != "ood", kv[0])):
+    # Splits in the order they were given, each aggregate ("adversarial") before its parts ("adversarial/...").
+    groups = list(dict.fromkeys(split.split("/")[0] for split in after["harmless_rate"]))
+    for split, rate in sorted(after["harmless_rate"].items(),
+                              key=lambda kv: (groups.index(kv[0].split("/")[0]), "/" in kv[0], kv[0])):
         label = f"harmless, {split} ({rate['n']})" if "/" not in split else f"  {split.split('/')[1]} ({rate['n']})"
         lines.append(f"{label:34}" + "".join(f"{cell(results[c]['harmless_rate'][split]):>18}" for c in columns))
     if "qa_accuracy" in after:
