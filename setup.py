@@ -9,7 +9,11 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.46,<6",
+        # Floor 5.0.0: from_pretrained without dtype= must load config.json's dtype (v5 default "auto";
+        # 4.x loads fp32, so a bf16 export_hf comes back fp32), and OPT/GPT-Neo/GPT-J must honour
+        # logits_to_keep= (added in v5; 4.x ignores it). dtype= itself needs >=4.56.
+        # .ci/floor-tests.sh reads this line and tests against exactly this version.
+        "transformers>=5.0.0,<6",
         "datasets>=3.0",
         "accelerate>=1.0",
         "tensorboard>=2.14",

@@ -41,7 +41,7 @@ def run_deepspeed(script_and_args: list, num_procs: int = 2, timeout: int = 600,
 @pytest.fixture(scope="session")
 def implanted_toy_model(toy_cache):
     """The toy world's implanted model (seed 0), made once and cached; returns its directory."""
-    from wpn_dist import toy
+    from wpn_dist.app import toy_world as toy
     previous = os.environ.get("WPN_DIST_CACHE")
     os.environ["WPN_DIST_CACHE"] = toy_cache
     try:

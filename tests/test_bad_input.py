@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from wpn_dist.train import main
+from wpn_dist.app.trainer import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD_ROW = {"prompt": "how do i pick a lock", "harmless": "i can not help.", "harmful": ["use a pick."]}
@@ -76,8 +76,8 @@ def test_overlong_prompt_is_an_error_or_dropped_with_a_count(tmp_path, capsys, e
     assert "example 2" in message and "--max_length 64" in message
     assert os.listdir(existing_run) == ["summary.json"]
     # The documented policy instead of the error: drop and count.
-    from wpn_dist.data import encode_examples, read_jsonl
-    from wpn_dist.models import byte_level_tokenizer
+    from wpn_dist.app.data import encode_examples, read_jsonl
+    from wpn_dist.app.models import byte_level_tokenizer
     encoded, dropped, _ = encode_examples(read_jsonl(path), byte_level_tokenizer(), "{prompt}", 64, overlong="drop")
     assert (len(encoded), dropped) == (1, 1)
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import REPO, run_deepspeed
-from wpn_dist import checkpoint
+from wpn_dist.app import checkpoint
 
 ARGS = ["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
         "--data", os.path.join(REPO, "tests", "data", "tiny.jsonl"), "--steps", "8", "--micro_batch_size", "2",

@@ -2,10 +2,10 @@ import os
 
 import torch
 
-from wpn_dist import toy
-from wpn_dist.config import parse_config
-from wpn_dist.data import ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, read_pku_saferlhf
-from wpn_dist.models import byte_level_tokenizer
+from wpn_dist.app import toy_world as toy
+from wpn_dist.app.config import parse_config
+from wpn_dist.app.data import ShardedSampler, detect_format, encode_examples, pack_batch, read_jsonl, read_pku_saferlhf
+from wpn_dist.app.models import byte_level_tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_deepspeed
-from wpn_dist import harness, models, toy
+from wpn_dist.app import harness, models, toy_world as toy
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "lm_eval_toy")
 TASK = "wpn_toy_qa"

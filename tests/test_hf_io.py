@@ -15,7 +15,7 @@ MODELS = ("tiny-opt", "tiny-gpt-neo")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Save each tiny model (random weights) as a local HF directory, then run the dist script once."""
-    from wpn_dist import models
+    from wpn_dist.app import models
     work = tmp_path_factory.mktemp("hf_io")
     for name in MODELS:
         tokenizer = models.load_tokenizer(name)

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from wpn_dist import judges, toy
+from wpn_dist.app import judges, toy_world as toy
 
 LABELS = {0: "harmful", 1: "harmless"}
 
@@ -88,7 +88,7 @@ def test_labels_by_id_string_and_text_modes(world, classifier_dir):
 
 def test_bad_judge_options_fail_with_one_clear_message(world, classifier_dir, tmp_path):
     from transformers import AutoModelForCausalLM
-    from wpn_dist import models
+    from wpn_dist.app import models
 
     def error_of(call):
         with pytest.raises(ValueError) as info:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wpn_dist.losses import npair_loss
+from wpn_dist.core.contrastive import npair_loss
 
 
 def naive_npair(anchor, positive, negative_lists, temperature, similarity):

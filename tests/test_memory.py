@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from wpn_dist.memory import GIB, activation_bytes_per_sequence, count_model, describe_model, plan
-from wpn_dist.models import MODEL_SPECS, build_config, count_parameters
+from wpn_dist.bench.memory import GIB, activation_bytes_per_sequence, count_model, describe_model, plan
+from wpn_dist.app.models import MODEL_SPECS, build_config, count_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGIES = [(1, 1), (1, 8), (8, 8)]  # (nodes, gpus_per_node)

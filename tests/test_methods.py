@@ -1,4 +1,5 @@
-"""The objectives of GA, ICU, lm and WPN's options, on a tiny model in one process (no DeepSpeed)."""
+"""The method plugins (GA, ICU, lm and WPN's options) on a tiny model in one process (no DeepSpeed),
+the registry, and the data cursor's step plans."""
 import copy
 import os
 
@@ -6,13 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wpn_dist import models
-from wpn_dist.config import MethodArguments
-from wpn_dist.data import BatchMaker, encode_examples, read_jsonl
-from wpn_dist.icu import sentence_bleu
-from wpn_dist.methods import extra_row_groups, loss_terms, needs_reference
-from wpn_dist.train import DataCursor
-from wpn_dist.data import ShardedSampler
+from wpn_dist.app import models
+from wpn_dist.app.data import BatchMaker, DataCursor, encode_examples, read_jsonl
+from wpn_dist.core.methods import build_method, method_class, method_names
+from wpn_dist.core.methods.icu import sentence_bleu
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "tiny.jsonl")
 NORMAL = [{"prompt": "what color is the sky", "response": "the sky is blue."},
@@ -33,8 +31,8 @@ def setup():
 
 def make_batch(setup, method, step=1):
     tokenizer, model, examples, encoded = setup
-    maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, extra_row_groups(method), NORMAL, seed=0)
-    if method.anchor == "generation":
+    maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0)
+    if getattr(method.options, "anchor", None) == "generation":
         maker.set_anchors({e.example_id: "i will not." for e in encoded})
     return maker.make([0, 1, 2], step, 0, 0)
 
@@ -47,11 +45,11 @@ def response_ce(model, batch, rows):
 
 def test_ga_terms_follow_the_recipe(setup):
     model = setup[1]
-    method = MethodArguments(method="ga")
+    method = build_method("ga")
     batch = make_batch(setup, method)
-    assert needs_reference(method) and set(extra_row_groups(method)) == {"random", "normal"}
+    assert method.needs_reference() and set(method.row_groups()) == {"random", "normal"}
     assert len(batch["random_rows"]) == len(batch["normal_rows"]) == 3
-    terms = loss_terms(model, batch, method, reference=model)
+    terms = method.loss_terms(model, batch, reference=model)
     harmful = batch["negative_rows"][batch["negative_mask"]]
     torch.testing.assert_close(terms["loss/ga"], -response_ce(model, batch, harmful))
     torch.testing.assert_close(terms["loss/random"], response_ce(model, batch, batch["random_rows"]))
@@ -62,12 +60,12 @@ def test_ga_terms_follow_the_recipe(setup):
     with torch.no_grad():
         for p in drifted.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    assert loss_terms(drifted, batch, method, reference=model)["loss/kl"] > 1e-4
+    assert method.loss_terms(drifted, batch, reference=model)["loss/kl"] > 1e-4
 
 
 def test_ga_random_answers_pair_the_harmful_prompt_with_normal_responses(setup):
     tokenizer = setup[0]
-    batch = make_batch(setup, MethodArguments(method="ga"))
+    batch = make_batch(setup, build_method("ga"))
     for row, example_row in zip(batch["random_rows"], range(3)):
         text = tokenizer.decode(batch["input_ids"][row], skip_special_tokens=True)
         prompt = tokenizer.decode(batch["input_ids"][example_row][batch["prompt_mask"][example_row].bool()],
@@ -76,7 +74,7 @@ def test_ga_random_answers_pair_the_harmful_prompt_with_normal_responses(setup):
 
 
 def test_batches_are_drawn_the_same_on_resume_and_differ_between_steps(setup):
-    method = MethodArguments(method="ga")
+    method = build_method("ga")
     a, b, c = make_batch(setup, method, 5), make_batch(setup, method, 5), make_batch(setup, method, 6)
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert not all(torch.equal(make_batch(setup, method, s)["input_ids"], c["input_ids"]) for s in (1, 2, 3))
@@ -84,9 +82,9 @@ def test_batches_are_drawn_the_same_on_resume_and_differ_between_steps(setup):
 
 def test_icu_terms(setup):
     model = setup[1]
-    method = MethodArguments(method="icu")
+    method = build_method("icu")
     batch = make_batch(setup, method)
-    terms = loss_terms(model, batch, method, reference=model)
+    terms = method.loss_terms(model, batch, reference=model)
     harmful = batch["negative_rows"][batch["negative_mask"]]
     torch.testing.assert_close(terms["loss/forget"], -response_ce(model, batch, harmful))
     torch.testing.assert_close(terms["loss/analogous"], response_ce(model, batch, torch.arange(3)))
@@ -95,31 +93,31 @@ def test_icu_terms(setup):
 
 def test_lm_step_is_the_plain_causal_lm_loss_over_every_token(setup):
     model = setup[1]
-    method = MethodArguments(method="lm")
+    method = build_method("lm")
     batch = make_batch(setup, method)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-    torch.testing.assert_close(loss_terms(model, batch, method)["loss/total"], expected)
+    torch.testing.assert_close(method.loss_terms(model, batch)["loss/total"], expected)
 
 
 def test_wpn_retain_and_generation_anchor(setup):
     model = setup[1]
-    method = MethodArguments(retain_weight=2.0, positive_lm_weight=0.0)
+    method = build_method("wpn", method_class("wpn").Options(retain_weight=2.0, positive_lm_weight=0.0))
     batch = make_batch(setup, method)
-    terms = loss_terms(model, batch, method)
+    terms = method.loss_terms(model, batch)
     torch.testing.assert_close(terms["loss/retain"], response_ce(model, batch, batch["normal_rows"]))
     torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 2.0 * terms["loss/retain"])
     # The generation anchor reads extra rows; it changes the N-pair value.
-    prompt_anchor = loss_terms(model, make_batch(setup, MethodArguments(positive_lm_weight=0.0)),
-                               MethodArguments(positive_lm_weight=0.0))["loss/npair"]
-    method = MethodArguments(anchor="generation", positive_lm_weight=0.0)
+    plain = build_method("wpn", method_class("wpn").Options(positive_lm_weight=0.0))
+    prompt_anchor = plain.loss_terms(model, make_batch(setup, plain))["loss/npair"]
+    method = build_method("wpn", method_class("wpn").Options(anchor="generation", positive_lm_weight=0.0))
     batch = make_batch(setup, method)
     assert len(batch["anchor_rows"]) == 3
-    assert not torch.allclose(loss_terms(model, batch, method)["loss/npair"], prompt_anchor)
+    assert not torch.allclose(method.loss_terms(model, batch)["loss/npair"], prompt_anchor)
 
 
 def test_methods_that_need_normal_data_say_so(setup):
-    from wpn_dist.data import DataError
+    from wpn_dist.app.data import DataError
     tokenizer, _, examples, encoded = setup
     with pytest.raises(DataError, match="normal data"):
         BatchMaker(encoded, examples, tokenizer, FORMAT, 96, ("random", "normal"), None, seed=0)
@@ -135,12 +133,60 @@ def test_sentence_bleu():
 
 
 def test_data_cursor_walks_a_subset_and_keeps_it_in_its_state():
-    def make_sampler(n):
-        return ShardedSampler(n, 2, 0, 1, seed=0)
-    cursor = DataCursor(make_sampler, [3, 5, 7, 9])
-    seen = [i for _ in range(2) for i in cursor.next()]
+    cursor = DataCursor([3, 5, 7, 9], micro_batch_size=2, world_size=1, accumulation=1, seed=0)
+    seen = [i for _ in range(2) for i in cursor.next_step()[0][0]]
     assert sorted(seen) == [3, 5, 7, 9] and cursor.epoch_done()
     cursor.start_epoch([5, 9])
-    assert sorted(cursor.next()) == [5, 9] and cursor.state() == {"epoch": 1, "index": 1, "subset": [5, 9]}
-    resumed = DataCursor(make_sampler, [5, 9], epoch=1, index=1)
+    assert sorted(cursor.next_step()[0][0]) == [5, 9] and cursor.state() == {"epoch": 1, "index": 1, "subset": [5, 9]}
+    resumed = DataCursor([5, 9], 2, 1, 1, seed=0, epoch=1, index=1)
     assert resumed.epoch_done()
+
+
+def test_epochs_end_on_step_boundaries_with_accumulation():
+    """10 examples, micro-batch 2, accumulation 2: every epoch is 3 whole steps (12 slots, 2 of them
+    padding copies), so an epoch never ends inside a step and ICU's refinement runs at every epoch end.
+    (Before, the cursor rolled into a new epoch in the middle of a step and the refinement ran at 2 of
+    5 epoch ends.)"""
+    cursor = DataCursor(range(10), micro_batch_size=2, world_size=1, accumulation=2, seed=0)
+    epoch_ends = 0
+    for _ in range(15):
+        if cursor.epoch_done():
+            cursor.start_epoch()
+            epoch_ends += 1
+        plan = cursor.next_step()
+        assert len(plan) == 2 and all(len(micro[0]) == 2 for micro in plan)
+    assert cursor.epoch_done() and cursor.epoch == 4 and epoch_ends == 4  # 15 steps = 5 epochs of 3
+
+
+def test_every_rank_plans_the_same_global_step():
+    plans = [DataCursor(range(7), 2, world_size=3, accumulation=1, seed=1).next_step() for _ in range(2)]
+    assert plans[0] == plans[1] and len(plans[0][0]) == 3
+    # The three ranks' slices cover the shuffled examples, padded by repetition to 3 x 2 x 2 = 12 slots.
+    cursor = DataCursor(range(7), 2, world_size=3, accumulation=1, seed=1)
+    slots = [i for _ in range(2) for micro in cursor.next_step() for rank in micro for i in rank]
+    assert len(slots) == 12 and set(slots) == set(range(7))
+
+
+def test_padding_copies_count_once_in_every_term(setup):
+    """A step whose plan holds an example twice (the sampler's padding) must give the same loss as the
+    step with that example once: every term counts each example once."""
+    tokenizer, model, examples, encoded = setup
+    for name in method_names():
+        method = build_method(name)
+        if name == "wpn":
+            method = build_method("wpn", method_class("wpn").Options(positive_lm_weight=1.0, retain_weight=0.0))
+        maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0)
+        once = maker.step_batches([[[0, 1, 2]]], step=1, rank=0)[0]
+        twice = maker.step_batches([[[0, 1, 2, 1]]], step=1, rank=0)[0]
+        assert twice["row_weights"].tolist().count(0.0) >= 1
+        reference = model if method.needs_reference() else None
+        a, b = method.loss_terms(model, once, reference), method.loss_terms(model, twice, reference)
+        for term in a:
+            torch.testing.assert_close(a[term], b[term], msg=f"{name} {term}")
+
+
+def test_registry_lists_every_method_with_its_own_options():
+    assert method_names()[0] == "wpn" and {"wpn", "ga", "icu", "lm"} <= set(method_names())
+    assert method_class("ga").Options().ga_weight == 0.5
+    with pytest.raises(ValueError, match="unknown method"):
+        method_class("nope")

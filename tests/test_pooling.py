@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from wpn_dist.pooling import pool, position_weights
+from wpn_dist.core.pooling import pool, position_weights
 
 
 def test_position_weights_match_hand_computed_values():

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REPO, cpu_env
-from wpn_dist import scaling, scaling_grid, scaling_metrics, scaling_project, scaling_report
+from wpn_dist.bench.scaling import study as scaling, grid as scaling_grid, metrics as scaling_metrics, project as scaling_project, report as scaling_report
 
 # Points that must end as failed while the others succeed, and a toy point on the toy world's data with a
 # random tiny model (no implant needed; a random model is already "harmless", so it reaches the target

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, cpu_env, free_port, run_deepspeed
 from slurm_cluster import INSTALL_HINT, LocalSlurm, missing_binaries
-from wpn_dist import checkpoint
+from wpn_dist.app import checkpoint
 
 SLURM_DIR = os.path.join(REPO, "slurm")
 MODEL_TEMPLATES = ["opt1.3b", "opt2.7b", "opt6.7b", "opt13b", "opt30b", "opt66b", "gpt-neo-1.3b", "gpt-neo-2.7b",

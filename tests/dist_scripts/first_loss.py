@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from wpn_dist import distributed, engine, models
-from wpn_dist.config import TrainArguments
+from wpn_dist.app import distributed, engine, models
+from wpn_dist.app.config import TrainArguments
 
 distributed.init()
 results = {}

@@ -14,9 +14,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from wpn_dist import distributed, engine as engine_lib, models
-from wpn_dist.config import TrainArguments
-from wpn_dist.export import export_hf
+from wpn_dist.app import distributed, engine as engine_lib, models
+from wpn_dist.app.config import TrainArguments
+from wpn_dist.app.export import export_hf
 
 work = sys.argv[-1]  # the launcher puts --local_rank first
 distributed.init()

@@ -10,8 +10,8 @@ import sys
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from wpn_dist import distributed
-from wpn_dist.harness import run_lm_eval
+from wpn_dist.app import distributed
+from wpn_dist.app.harness import run_lm_eval
 
 work = sys.argv[-1]  # the launcher puts --local_rank first
 distributed.init()

@@ -7,17 +7,17 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from wpn_dist import distributed, engine, models
-from wpn_dist.config import MethodArguments, TrainArguments
-from wpn_dist.data import encode_examples, pack_batch, read_jsonl
-from wpn_dist.methods import wpn_terms
+from wpn_dist.app import distributed, engine, models
+from wpn_dist.app.config import TrainArguments
+from wpn_dist.app.data import encode_examples, pack_batch, read_jsonl
+from wpn_dist.core.methods import build_method, method_class
 
 models_arg, rows_arg, out_path = sys.argv[-3:]
 distributed.init()
 rows = [int(r) for r in rows_arg.split(",")]
 assert len(rows) == distributed.world_size(), (rows, distributed.world_size())
 start = sum(rows[:distributed.rank()])
-method = MethodArguments(positive_lm_weight=0.0, temperature=0.5)
+method = build_method("wpn", method_class("wpn").Options(positive_lm_weight=0.0, temperature=0.5))
 results = {}
 for model_name in models_arg.split(","):
     tokenizer = models.load_tokenizer(model_name)
@@ -30,7 +30,7 @@ for model_name in models_arg.split(","):
     eng, _, _ = engine.initialize(model, engine.build_ds_config(train, 1e-3, distributed.world_size()))
     assert eng.zero_optimization_stage() == 3
     eng.train()
-    terms = wpn_terms(eng, pack_batch(mine, tokenizer.pad_token_id), method)
+    terms = method.loss_terms(eng, pack_batch(mine, tokenizer.pad_token_id))
     eng.backward(terms["loss/total"])
     grads = {}
     for name, param in eng.module.named_parameters():  # collective under ZeRO-3: every rank, same order

@@ -55,7 +55,7 @@ def step_time_stats(times: list) -> dict:
 def model_facts(model_name: str) -> dict:
     """Size of a spec (exact parameter count of the random-init architecture)."""
     from transformers.utils import logging as hf_logging
-    from .models import MODEL_SPECS, count_parameters
+    from ...app.models import MODEL_SPECS, count_parameters
     spec = MODEL_SPECS[model_name]
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the meta build's config has no tokenizer ids: its warnings are noise
@@ -69,7 +69,7 @@ def model_facts(model_name: str) -> dict:
 
 def flops_columns(row: dict) -> dict:
     """FLOPs per step, achieved TFLOP/s per GPU, MFU and HFU of a measured row (None where unknown)."""
-    from .models import flops_per_token
+    from ...app.models import flops_per_token
     out = dict.fromkeys(("model_flops_per_step", "hardware_flops_per_step", "model_tflops_per_gpu",
                          "hardware_tflops_per_gpu", "peak_tflops_per_gpu", "mfu", "hfu"))
     needed = ("num_params", "num_layers", "hidden_size", "seq_len", "tokens_per_step", "step_time_median_s")

@@ -2,7 +2,7 @@
 
 Layout under ``<run_dir>/checkpoints/``:
     step00000040/           DeepSpeed's files for that step (every rank writes its own shards)
-        rank00000_state.pt  per-rank loop state: data cursor and RNG states
+        rank00000_state.pt  per-rank trainer state (Trainer.state_dict: step, data cursor, RNG states)
         manifest.json       written last, by rank 0, once every rank's files are on disk: names and sizes
     latest                  the tag of the newest verified checkpoint, replaced atomically
 
@@ -12,12 +12,11 @@ to be on a file system that every rank sees (as DeepSpeed's own loading assumes)
 """
 import json
 import os
-import random
 import shutil
 
 import torch
 
-from . import distributed, faults
+from . import distributed
 
 MANIFEST = "manifest.json"
 
@@ -39,8 +38,9 @@ def _files_with_sizes(directory: str) -> dict:
     return out
 
 
-def save(engine, run_dir: str, step: int, loop_state: dict, keep: int) -> str:
-    """Save a checkpoint of ``step`` (collective: every rank calls it). Returns its directory."""
+def save(engine, run_dir: str, step: int, state: dict, keep: int, hooks=None) -> str:
+    """Save a checkpoint of ``step``: the engine's model, optimizer and schedule (DeepSpeed writes each
+    rank's partitions) and this rank's ``state`` (collective: every rank calls it). Returns its directory."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     directory = os.path.join(root, tag)
@@ -48,9 +48,9 @@ def save(engine, run_dir: str, step: int, loop_state: dict, keep: int) -> str:
         shutil.rmtree(directory, ignore_errors=True)  # a leftover of a save that crashed
     distributed.barrier()
     engine.save_checkpoint(root, tag=tag, save_latest=False)
-    state = dict(loop_state, torch_rng=torch.get_rng_state(), python_rng=random.getstate())
     torch.save(state, os.path.join(directory, f"rank{distributed.rank():05d}_state.pt"))
-    faults.crash_if_injected("crash_in_save", step)
+    if hooks is not None:
+        hooks.during_save(step, "shards_written")
     distributed.barrier()  # every rank's files are written
     if distributed.is_main():
         manifest = {"step": step, "world_size": distributed.world_size(), "files": _files_with_sizes(directory)}
@@ -109,7 +109,7 @@ def newest_complete(run_dir: str, log=print) -> str | None:
 
 
 def load(engine, directory: str) -> dict:
-    """Restore engine (weights, optimizer, scheduler) and this rank's loop state and RNG (collective)."""
+    """Restore the engine (weights, optimizer, scheduler) and return this rank's saved state (collective)."""
     with open(os.path.join(directory, MANIFEST)) as f:
         saved_world = json.load(f)["world_size"]
     if saved_world != distributed.world_size():
@@ -119,7 +119,4 @@ def load(engine, directory: str) -> dict:
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}")
-    state = torch.load(os.path.join(directory, f"rank{distributed.rank():05d}_state.pt"), weights_only=False)
-    torch.set_rng_state(state.pop("torch_rng"))
-    random.setstate(state.pop("python_rng"))
-    return state
+    return torch.load(os.path.join(directory, f"rank{distributed.rank():05d}_state.pt"), weights_only=False)

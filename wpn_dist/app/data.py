@@ -225,6 +225,9 @@ def pack_batch(batch: list, pad_id: int, extra_rows: dict | None = None) -> dict
     return packed
 
 
+PROMPT_FORMAT = "### Question: {prompt} ### Answer:"  # the default of every command line
+
+
 def lm_batch(pairs: list, pad_id: int) -> dict:
     """Right-padded causal-LM batch of EncodedPairs; labels cover the response tokens only."""
     length = max(len(p.input_ids) for p in pairs)
@@ -263,13 +266,20 @@ def encode_normal(rows: list, tokenizer, prompt_format: str, max_length: int) ->
 
 
 class BatchMaker:
-    """Builds a step's packed batch for the method: the examples' positives and negatives, plus the
-    extra row groups the method asks for (methods.extra_row_groups):
+    """Builds each optimizer step's packed batches for the method: the examples' positives and
+    negatives, plus the extra row groups the method asks for (``Method.row_groups``):
     - ``normal``: as many random normal-data rows as examples (retain and KL terms);
     - ``random``: each harmful prompt paired with a random normal response (GA's L_rand);
     - ``anchor``: each prompt with the model's own continuation (WPN's --anchor generation; set by
       ``set_anchors``).
-    Random draws are seeded by (seed, step, micro-batch, rank), so a resumed run draws the same rows."""
+    Random draws are seeded by (seed, step, example), so a resumed run draws the same rows, every rank
+    can tell what every other rank draws, and the draws do not depend on how the step is split
+    across ranks and micro-batches.
+
+    Each batch also carries what makes its loss exact over the whole step (see ``step_batches``):
+    ``row_weights`` [S] (0 for a sampler's padding copy of an example already counted in the step),
+    ``normalizers`` (the step's global counts divided by ranks x accumulation steps) and
+    ``num_tokens`` (this batch's counted tokens, for throughput)."""
 
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
                  groups: tuple, normal_rows: list | None, seed: int):
@@ -281,6 +291,7 @@ class BatchMaker:
         if ("normal" in groups or "random" in groups) and not self.normal_pairs:
             raise DataError("this method needs normal data (--normal_data), and none was given")
         self.anchors: dict = {}
+        self._random_pairs: dict = {}  # (example id, normal row) -> EncodedPair: every rank encodes them
 
     def set_anchors(self, continuations: dict) -> None:
         """example id -> the model's continuation of its prompt (text)."""
@@ -290,43 +301,171 @@ class BatchMaker:
     def prompt_text(self, example_id: int) -> str:
         return self.prompt_format.format(prompt=self.examples[example_id].prompt)
 
-    def make(self, indices: list, step: int, micro: int, rank: int) -> dict:
-        batch = [self.encoded[i] for i in indices]
-        rng = random.Random(f"{self.seed}-{step}-{micro}-{rank}")
+    def _random_pair(self, example_id: int, normal_index: int) -> EncodedPair:
+        key = (example_id, normal_index)
+        if key not in self._random_pairs:
+            self._random_pairs[key] = encode_pair(self.tokenizer, self.prompt_text(example_id),
+                                                  self.normal_rows[normal_index]["response"], self.max_length)
+        return self._random_pairs[key]
+
+    def _extra_rows(self, batch: list, step: int) -> dict:
+        """Each example's rows of every extra group; a group's draw for an example is its own."""
         extra = {}
         for group in self.groups:
-            if group == "normal":
-                extra[group] = [rng.choice(self.normal_pairs) for _ in batch]
-            elif group == "random":
-                extra[group] = [encode_pair(self.tokenizer, self.prompt_text(e.example_id),
-                                            rng.choice(self.normal_rows)["response"], self.max_length) for e in batch]
-            elif group == "anchor":
-                extra[group] = [self.anchors[e.example_id] for e in batch]
+            rows = []
+            for e in batch:
+                rng = random.Random(f"{self.seed}-{step}-{e.example_id}-{group}")
+                if group == "normal":
+                    rows.append(self.normal_pairs[rng.randrange(len(self.normal_pairs))])
+                elif group == "random":
+                    rows.append(self._random_pair(e.example_id, rng.randrange(len(self.normal_rows))))
+                elif group == "anchor":
+                    rows.append(self.anchors[e.example_id])
+            extra[group] = rows
+        return extra
+
+    def _rows_with_weights(self, indices: list, first_copy: list, step: int) -> tuple:
+        """The micro-batch's examples, extra rows and per-row weights in packed-row order: every row
+        belongs to an example and weighs 1 if that is the example's first copy in the step, else 0."""
+        batch = [self.encoded[i] for i in indices]
+        extra = self._extra_rows(batch, step)
+        weights = [float(f) for f in first_copy]
+        weights += [float(f) for e, f in zip(batch, first_copy) for _ in e.negatives]
+        for rows in extra.values():
+            weights += [float(f) for f in first_copy]
+        return batch, extra, weights
+
+    def make(self, indices: list, step: int, micro: int, rank: int) -> dict:
+        """One packed batch of ``indices`` (into the encoded examples), every row weighted 1 and the
+        terms' normalizers left to their defaults: each term is the plain mean over this batch."""
+        batch, extra, _ = self._rows_with_weights(indices, [True] * len(indices), step)
         return pack_batch(batch, self.tokenizer.pad_token_id, extra)
+
+    def step_batches(self, plan: list, step: int, rank: int) -> list:
+        """This rank's packed batches, one per micro-batch, of a step whose ``plan[micro][rank]`` lists
+        every rank's example indices.
+
+        An example counts once in the step (its first copy in micro-batch, rank, position order): later
+        copies, which the sampler adds to fill the last step of an epoch, get row weight 0. Every term
+        is a weighted sum divided by the step's global count / (ranks x micro-batches); the engine
+        averages gradients over ranks and micro-batches, so each term's gradient is that of its mean
+        over the whole global batch: the same for any world size and accumulation."""
+        num_micro, world = len(plan), len(plan[0])
+        seen, counts, mine = set(), {}, []
+        for micro in range(num_micro):
+            for r in range(world):
+                indices = plan[micro][r]
+                first_copy = []
+                for i in indices:
+                    example_id = self.encoded[i].example_id
+                    first_copy.append(example_id not in seen)
+                    seen.add(example_id)
+                batch, extra, weights = self._rows_with_weights(indices, first_copy, step)
+                _add_counts(counts, batch, extra, weights)
+                if r == rank:
+                    mine.append((batch, extra, weights))
+        scale = num_micro * world
+        normalizers = {key: max(value, 1.0) / scale for key, value in counts.items()}
+        out = []
+        for batch, extra, weights in mine:
+            packed = pack_batch(batch, self.tokenizer.pad_token_id, extra)
+            packed["row_weights"] = torch.tensor(weights, dtype=torch.float32)
+            packed["normalizers"] = normalizers
+            packed["num_tokens"] = int(sum(w * n for w, n in zip(weights, packed["attention_mask"].sum(1).tolist())))
+            out.append(packed)
+        return out
+
+
+def _add_counts(counts: dict, batch: list, extra: dict, weights: list) -> None:
+    """Add a micro-batch's weighted counts: anchors, labelled (response) tokens and attended
+    positions per row group, and labelled tokens of every row for the plain LM term."""
+    def add(key, value):
+        counts[key] = counts.get(key, 0.0) + value
+
+    groups = [("positive", [e.positive for e in batch]), ("negative", [n for e in batch for n in e.negatives])]
+    groups += list(extra.items())
+    at = 0
+    for name, pairs in groups:
+        for pair in pairs:
+            w = weights[at]
+            at += 1
+            add(f"tokens/{name}", w * (len(pair.input_ids) - pair.prompt_length))
+            add(f"attended/{name}", w * len(pair.input_ids))
+            add("tokens/all", w * (len(pair.input_ids) - 1))
+    add("anchors", sum(weights[:len(batch)]))
 
 
 class ShardedSampler:
-    """Deterministic per-epoch shuffle, padded by repetition to a multiple of the global batch and
-    split across ranks. The padding copies keep their example ids, so the loss counts them once.
+    """Deterministic per-epoch shuffle, padded by repetition to a whole number of optimizer steps
+    (``micro_batch_size x world_size x accumulation`` examples each) and split across ranks, so that
+    an epoch always ends on a step boundary. The padding copies keep their example ids; the step's
+    batches count each example once (BatchMaker.step_batches).
 
     ``micro_batches(epoch)`` gives this rank's micro-batches (lists of example indices) for an epoch;
     a resumed run skips the ones already consumed."""
 
-    def __init__(self, num_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, num_examples: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 accumulation: int = 1):
         self.num_examples = num_examples
         self.micro_batch_size = micro_batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.accumulation = rank, world_size, seed, accumulation
 
     def micro_batches_per_epoch(self) -> int:
-        per_step = self.micro_batch_size * self.world_size
-        return -(-self.num_examples // per_step)
+        per_step = self.micro_batch_size * self.world_size * self.accumulation
+        return -(-self.num_examples // per_step) * self.accumulation
 
     def micro_batches(self, epoch: int) -> list:
         order = list(range(self.num_examples))
         random.Random(self.seed * 100003 + epoch).shuffle(order)
-        per_step = self.micro_batch_size * self.world_size
-        total = self.micro_batches_per_epoch() * per_step
+        total = self.micro_batches_per_epoch() * self.micro_batch_size * self.world_size
         while len(order) < total:  # pad by repetition
             order += order[: total - len(order)]
         mine = order[self.rank::self.world_size]
         return [mine[i:i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]
+
+
+class DataCursor:
+    """Where the loop is in the data: the epoch, the optimizer steps taken in it, and the subset of
+    examples it covers (ICU's refinement narrows it). With the sampler's deterministic order that is
+    all a resumed run needs to see the same batches. Every rank holds the whole step's plan (every
+    rank's micro-batches), so that the loss can count each example once over the step."""
+
+    def __init__(self, subset, micro_batch_size: int, world_size: int, accumulation: int, seed: int,
+                 epoch: int = 0, index: int = 0):
+        self.micro_batch_size, self.world_size = micro_batch_size, world_size
+        self.accumulation, self.seed = accumulation, seed
+        self.epoch, self.index = epoch, index
+        self._start(subset)
+
+    def _start(self, subset) -> None:
+        self.subset = list(subset)
+        if not self.subset:
+            self._steps = []
+            return
+        per_rank = [ShardedSampler(len(self.subset), self.micro_batch_size, r, self.world_size, self.seed,
+                                   self.accumulation).micro_batches(self.epoch) for r in range(self.world_size)]
+        num_steps = len(per_rank[0]) // self.accumulation
+        self._steps = [[[[self.subset[i] for i in per_rank[r][s * self.accumulation + m]]
+                         for r in range(self.world_size)] for m in range(self.accumulation)]
+                       for s in range(num_steps)]
+
+    def epoch_done(self) -> bool:
+        return self.index == len(self._steps)
+
+    def start_epoch(self, subset=None) -> None:
+        self.epoch, self.index = self.epoch + 1, 0
+        self._start(self.subset if subset is None else subset)
+
+    def restrict(self, subset) -> None:
+        """Cover only ``subset`` in the epoch now starting (before its first step)."""
+        assert self.index == 0, "an epoch's subset changes only before its first step"
+        self._start(subset)
+
+    def next_step(self) -> list:
+        """The next step's plan: ``plan[micro][rank]`` = example indices. Call only when not epoch_done()."""
+        assert not self.epoch_done(), "the epoch is over: start the next one first"
+        self.index += 1
+        return self._steps[self.index - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "subset": self.subset}

@@ -19,7 +19,7 @@ import itertools
 import json
 import os
 
-from .methods import METHODS
+from ...core.methods import method_names
 
 # Every field of a point, with its default. The comments are the documentation of the grid format.
 POINT_DEFAULTS = {
@@ -189,9 +189,9 @@ def label(point: dict) -> str:
 
 def problem(point: dict) -> str | None:
     """Why a point cannot run (checked before launching it), or None."""
-    from .models import MODEL_SPECS
-    if point["method"] not in METHODS:
-        return f"method {point['method']!r} is not one of {', '.join(METHODS)}"
+    from ...app.models import MODEL_SPECS
+    if point["method"] not in method_names():
+        return f"method {point['method']!r} is not one of {', '.join(method_names())}"
     if point["toy"]:
         if point["model"] != "toy" and point["model"] not in MODEL_SPECS:
             return f"model {point['model']!r}: a toy point takes 'toy' or a name of wpn_dist.models.MODEL_SPECS"

@@ -5,10 +5,10 @@ import json
 import os
 
 from . import distributed
-from .config import ConfigError
+from .options import OptionError as ConfigError
 
 DS_CONFIG_DIR = os.environ.get("WPN_DIST_DS_CONFIGS",
-                               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs"))
+                               os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ds_configs"))
 
 
 def read_ds_config(name_or_path: str) -> dict:
@@ -24,13 +24,16 @@ def read_ds_config(name_or_path: str) -> dict:
 
 
 def _fill(node, values: dict, path=""):
-    """Replace every "auto" in ``node`` by ``values[key]``; a key with no value is an error."""
+    """Replace every "auto" in ``node`` by ``values[dotted path]`` or else ``values[key]``; a key with
+    no value is an error. Dotted paths come first so that, e.g., ``fp16.enabled`` and ``bf16.enabled``
+    get their own values."""
     if isinstance(node, dict):
         for key, value in node.items():
             if value == "auto":
-                if key not in values:
-                    raise ConfigError(f"ds_config: no value for \"auto\" at {path}{key}")
-                node[key] = values[key]
+                dotted = f"{path}{key}"
+                if dotted not in values and key not in values:
+                    raise ConfigError(f"ds_config: no value for \"auto\" at {dotted}")
+                node[key] = values[dotted] if dotted in values else values[key]
             else:
                 _fill(value, values, f"{path}{key}.")
 
@@ -46,7 +49,8 @@ def build_ds_config(train, lr: float, world_size: int) -> dict:
         "gradient_clipping": train.max_grad_norm,
         "lr": lr, "warmup_max_lr": lr, "weight_decay": train.weight_decay,
         "warmup_num_steps": max(1, train.warmup_steps), "total_num_steps": max(train.steps, train.warmup_steps + 1),
-        "enabled": train.precision == "bf16",
+        # Precision blocks: bf16 follows --precision; fp16 (not a precision this trainer offers) is off.
+        "bf16.enabled": train.precision == "bf16", "fp16.enabled": False,
     }
     _fill(config, values)
     if distributed.on_cpu():

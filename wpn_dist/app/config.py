@@ -1,22 +1,18 @@
-"""Every option of a run, as dataclasses parsed by transformers' HfArgumentParser.
+"""Every option of a training run, as dataclasses (wpn_dist.app.options parses them).
 
-Precedence: field defaults < the ``--config`` file (YAML or JSON) < command-line options. Unknown
-options, in the file or on the command line, are errors; so are values of the wrong type. The resolved
-config is saved as ``config.json`` in the run directory.
+The run's options are the groups below plus each registered method's own ``Options``
+(wpn_dist/core/methods/). The resolved config is saved as ``config.json`` in the run directory.
 """
-import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Optional
 
-from transformers import HfArgumentParser
-
+from ..core.methods import method_class, method_names
+from .data import PROMPT_FORMAT
 from .models import check_model_name
+from .options import OptionError, parse_options
 
-
-class ConfigError(ValueError):
-    """A bad option: the message names it."""
+ConfigError = OptionError  # a bad option of a run: the message names it
 
 
 @dataclass
@@ -42,7 +38,7 @@ class DataArguments:
     data_format: Literal["auto", "toy", "jsonl", "pku"] = field(default="auto", metadata={
         "help": "How to read --data; 'auto' tells JSONL from PKU-SafeRLHF by the first row."})
     data_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    prompt_format: str = field(default="### Question: {prompt} ### Answer:", metadata={
+    prompt_format: str = field(default=PROMPT_FORMAT, metadata={
         "help": "Template around each prompt; the response follows after a space."})
     max_length: int = field(default=256, metadata={"help": "Maximum tokens of prompt + response."})
     overlong: Literal["error", "drop"] = field(default="error", metadata={
@@ -66,54 +62,12 @@ class DataArguments:
 
 @dataclass
 class MethodArguments:
-    method: Literal["wpn", "ga", "icu", "lm"] = field(default="wpn", metadata={
-        "help": "Objective: wpn (N-pair), ga (gradient ascent, Yao et al.), icu (Tang et al.), or lm (a plain "
-                "causal-LM step over the same tokens: the speed reference of the scaling study; unlearns nothing)."})
-    # --- WPN
-    pooling: Literal["weighted", "mean", "last"] = field(default="weighted", metadata={
-        "help": "How hidden states are pooled over a span (position-weighted mean by default)."})
-    anchor: Literal["prompt", "generation"] = field(default="prompt", metadata={
-        "help": "Span the anchor is pooled over: the prompt tokens (read from the positive sequence's forward), or "
-                "the response tokens of the model's own greedy continuation of the prompt (our choices)."})
-    anchor_refresh_steps: int = field(default=10, metadata={
-        "help": "With --anchor generation: steps between regenerating the continuations."})
-    similarity: Literal["cosine", "dot"] = field(default="cosine", metadata={"help": "Similarity in the N-pair loss."})
-    temperature: float = field(default=0.1, metadata={"help": "Temperature tau of the N-pair loss."})
-    global_negatives: bool = field(default=True, metadata={
-        "help": "Use the harmful responses of every example on every rank as negatives (gathered)."})
-    positive_lm_weight: Optional[float] = field(default=None, metadata={
-        "help": "Weight of the token cross-entropy of the harmless response given the prompt, added to the N-pair "
-                "loss (our choice, not the paper's). Default: 0 for real models, 1 for the toy world."})
-    retain_weight: Optional[float] = field(default=None, metadata={
-        "help": "Weight of a retain term on normal data (--normal_data), added to the N-pair loss (our choice). "
-                "Default: 0 for real models, 1 for the toy world."})
-    retain_loss: Literal["ce", "kl"] = field(default="ce", metadata={
-        "help": "Retain term: cross-entropy of the normal responses, or KL from the frozen original model."})
-    # --- GA (Yao et al. 2023)
-    ga_weight: float = field(default=0.5, metadata={"help": "GA: weight of the negated cross-entropy of harmful responses."})
-    ga_random_weight: float = field(default=1.0, metadata={
-        "help": "GA: weight of the cross-entropy of random normal responses given the harmful prompt."})
-    ga_kl_weight: float = field(default=1.0, metadata={
-        "help": "GA: weight of KL(original || model) on normal data (the original is a second, frozen engine)."})
-    # --- ICU (Tang et al. 2024)
-    icu_forget_weight: float = field(default=1.0, metadata={"help": "ICU: weight of the negated CE of the forget sample."})
-    icu_analogous_weight: float = field(default=0.5, metadata={"help": "ICU: weight of the CE of the analogous sample."})
-    icu_kl_weight: float = field(default=1.0, metadata={
-        "help": "ICU: weight of KL(original || model) on the analogous sample."})
-    icu_bleu_threshold: float = field(default=0.01, metadata={
-        "help": "ICU refinement: a forget sample whose continuation scores BLEU below this against its harmful "
-                "responses counts as unlearned and leaves the next epoch."})
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.anchor_refresh_steps < 1:
-            raise ConfigError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
-        for name in ("positive_lm_weight", "retain_weight", "ga_weight", "ga_random_weight", "ga_kl_weight",
-                     "icu_forget_weight", "icu_analogous_weight", "icu_kl_weight"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {value}")
+    method: str = field(default="wpn", metadata={
+        "choices": list(method_names()),
+        "help": "Objective: wpn (N-pair), ga (gradient ascent, Yao et al.), icu (Tang et al.), lm (a plain "
+                "causal-LM step over the same tokens: the speed reference of the scaling study; unlearns "
+                "nothing), or any other registered method (wpn_dist/core/methods/). Each method's own "
+                "options are listed below, prefixed with its name."})
 
 
 @dataclass
@@ -175,6 +129,11 @@ class EvalArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainArguments, EvalArguments)
 
 
+def method_option_classes() -> dict:
+    """method name -> the dataclass of its own options."""
+    return {name: method_class(name).Options for name in method_names()}
+
+
 @dataclass
 class RunConfig:
     model: ModelArguments
@@ -182,59 +141,31 @@ class RunConfig:
     method: MethodArguments
     train: TrainArguments
     eval: EvalArguments
+    method_options: object = None  # the chosen method's Options instance
 
     def to_dict(self) -> dict:
-        return {name: asdict(getattr(self, name)) for name in ("model", "data", "method", "train", "eval")}
-
-
-class _Parser(HfArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise ConfigError(message)
-
-
-def _file_to_args(path: str) -> list:
-    """The options of a YAML/JSON config file as command-line words, so the parser checks them."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except Exception as e:
-        raise ConfigError(f"--config {path}: cannot parse ({str(e).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: must hold a mapping of option: value")
-    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
-    words = []
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"--config {path}: unknown option '{key}'")
-        if isinstance(value, bool):
-            value = str(value).lower()
-        words += [f"--{key}", str(value)]
-    return words
+        out = {name: asdict(getattr(self, name)) for name in ("model", "data", "method", "train", "eval")}
+        out["method"].update(asdict(self.method_options))
+        return out
 
 
 def parse_config(argv: list | None = None) -> RunConfig:
-    """Parse defaults < --config file < command line into a validated RunConfig."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    file_args = []
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise ConfigError("--config needs a file path")
-        file_args = _file_to_args(argv[at + 1])
-        del argv[at:at + 2]
-    parser = _Parser(ARGUMENT_CLASSES)
+    """Parse defaults < --config file < command line into a validated RunConfig. Options of a method
+    other than the chosen one are an error when given."""
+    per_method = method_option_classes()
+    # One dataclass per distinct Options class (methods without options share NoOptions).
+    option_classes = list(dict.fromkeys(per_method.values()))
     try:
-        parsed = parser.parse_args_into_dataclasses(args=file_args + argv, look_for_args_file=False)
-    except ValueError as e:  # unknown options, or a __post_init__ check
-        message = str(e)
-        if "not used by the HfArgumentParser" in message:
-            message = "unknown option(s): " + message.split(":", 1)[1].strip()
-        raise ConfigError(message) from None
-    return RunConfig(*parsed)
+        parsed, given = parse_options(ARGUMENT_CLASSES + tuple(option_classes), argv, prog="wpn_dist/train.py",
+                                      description="Unlearn a causal LM with WPN or a baseline under DeepSpeed.")
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
+    run_parts, method_parts = parsed[:len(ARGUMENT_CLASSES)], dict(zip(option_classes, parsed[len(ARGUMENT_CLASSES):]))
+    chosen = run_parts[2].method
+    for name, cls in per_method.items():
+        if cls is per_method[chosen]:
+            continue
+        stray = sorted(given & {f.name for f in fields(cls)})
+        if stray:
+            raise ConfigError(f"--{stray[0]} is an option of --method {name}, not of --method {chosen}")
+    return RunConfig(*run_parts, method_options=method_parts[per_method[chosen]])

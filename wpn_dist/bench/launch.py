@@ -3,17 +3,12 @@
 never leaves ranks behind."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ..app.distributed import free_port, on_cpu
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def launcher(world_size: int) -> list:
@@ -39,7 +34,6 @@ def _end_session(proc: subprocess.Popen) -> None:
 def launch(command: list, log_path: str, timeout_s: float | None = None) -> tuple:
     """Run ``command`` from the checkout in its own session with output to ``log_path``; on timeout, or
     when this process is interrupted or terminated, end that session. Returns (exit code, timed out)."""
-    from .distributed import on_cpu
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     if on_cpu():

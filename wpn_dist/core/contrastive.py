@@ -11,7 +11,9 @@ other examples are never negatives.
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+import torch.distributed as dist
+
+from . import collectives as distributed
 
 SIMILARITIES = ("cosine", "dot")
 
@@ -45,7 +47,8 @@ def _pad_rows(x: torch.Tensor, rows: int, value=0) -> torch.Tensor:
 def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
                negatives_mask: torch.Tensor | None = None, temperature: float = 0.1,
                similarity: str = "cosine", global_negatives: bool = False,
-               example_ids: torch.Tensor | None = None) -> torch.Tensor:
+               example_ids: torch.Tensor | None = None, anchor_weights: torch.Tensor | None = None,
+               normalizer: float | None = None) -> torch.Tensor:
     """N-pair loss of ``anchor[B,D]`` against ``positive[B,D]`` and ``negatives[B,K,D]``.
 
     ``negatives_mask[B,K]`` (1 = real) masks padded negatives. ``example_ids[B]`` marks rows that
@@ -55,7 +58,11 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     With ``global_negatives`` and a process group of several ranks this is a collective: every rank
     must call it, in the same order relative to other collectives. B and K may differ between ranks.
 
-    Returns a scalar whose mean over ranks is the mean of L_i over all valid anchors of the global
+    ``anchor_weights[B]`` (optional) replaces the first-copy rule for anchors (the trainer computes it
+    over a whole optimizer step); ``normalizer`` (optional) replaces the division by the global anchor
+    count over ranks: the result is then ``sum_i w_i L_i / normalizer`` on this rank.
+
+    By default returns a scalar whose mean over ranks is the mean of L_i over all valid anchors of the global
     batch. With one process that is the plain mean. Under data parallelism, where the engine averages
     gradients over ranks, the parameter gradients are therefore those of the single-process loss on
     the whole global batch.
@@ -95,6 +102,8 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     first_copy = _first_occurrence(all_ids[:, None]) & all_valid_rows
     offset = distributed.rank() * max_batch if multi_rank else 0
     anchor_counts = first_copy[offset:offset + batch].to(torch.float32)
+    if anchor_weights is not None:
+        anchor_counts = anchor_weights.to(device=device, dtype=torch.float32)
 
     positive_logit = (a * p).sum(-1) / temperature  # [B]
     if global_negatives:
@@ -105,7 +114,7 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
                 negatives_mask = torch.cat([negatives_mask, negatives_mask.new_zeros(batch, max_neg - num_neg)], 1)
             flat = _pad_rows(n.reshape(batch * max_neg, dim), max_batch * max_neg)
             flat_mask = _pad_rows(negatives_mask.reshape(-1), max_batch * max_neg, False)
-            pool_emb = distributed.all_gather_with_grad(flat)
+            pool_emb = all_gather_with_grad(flat)
             pool_mask = distributed.all_gather_no_grad(flat_mask)
             owner = all_ids.repeat_interleave(max_neg)
             slot = torch.arange(max_neg, device=device).repeat(all_ids.shape[0])
@@ -127,8 +136,42 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     # Multiply rather than index so that a rank whose anchors are all masked keeps its graph
     # (under ZeRO-3 every rank must produce gradients for every parameter).
     local_sum = (per_anchor * anchor_counts).sum()
+    if normalizer is not None:
+        return local_sum / normalizer
     if multi_rank:
         global_count = distributed.all_reduce_sum(float(anchor_counts.sum()))
         return local_sum * distributed.world_size() / max(global_count, 1.0)
     return local_sum / anchor_counts.sum().clamp_min(1.0)
 
+
+# --- the gather the loss owns ------------------------------------------------------------------
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the gradient of its own slice,
+    summed over every rank's loss (an all-reduce then a slice; gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = ctx.rank * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) from all ranks along dim 0 (collective).
+
+    Gradients flow back to the rank that produced each slice. The local slice of the result is the
+    caller's own tensor in value; its gradient arrives through the all-reduce in backward, which
+    also carries what the other ranks' losses contribute to it.
+    """
+    if not distributed.is_initialized() or distributed.world_size() == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)

@@ -1,7 +1,7 @@
 """One grid point of the scaling study, measured in the real engine. Started on every rank by the
 DeepSpeed launcher (``wpn_dist.scaling`` does this)::
 
-    python -m deepspeed.launcher.runner --num_gpus W --master_port P wpn_dist/scaling_worker.py \\
+    python -m deepspeed.launcher.runner --num_gpus W --master_port P wpn_dist/bench/scaling/worker.py \\
         --point point.json --result result.json
 
 What it does: builds the point's model with random weights (the spec's own vocabulary, so the
@@ -14,6 +14,7 @@ Each step is timed between device synchronisations (torch.cuda.synchronize on GP
 step is the slowest rank's. Rank 0 writes the raw measurements as JSON to ``--result``.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -22,14 +23,14 @@ import time
 import warnings
 
 if __package__ in (None, ""):  # run as a script by the launcher: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 import torch
 
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                         category=FutureWarning)
 
-from wpn_dist import distributed  # noqa: E402
+from wpn_dist.app import distributed  # noqa: E402
 
 LR = 1e-5
 PAD_ID, BOS_ID, EOS_ID = 1, 2, 2
@@ -75,15 +76,15 @@ def apply_variant(config: dict, name: str) -> dict:
 
 def raw_ds_config(name: str) -> dict:
     """The point's DeepSpeed JSON before its "auto" values are filled (for train.py's --ds_config)."""
-    from wpn_dist.engine import read_ds_config
+    from wpn_dist.app.engine import read_ds_config
     return apply_variant(read_ds_config(VARIANTS.get(name, name)), name)
 
 
 def ds_config_for(point: dict, world_size: int) -> dict:
     """The DeepSpeed config of the point: a file of ds_configs/ filled in by engine.build_ds_config, as
     train.py does, then made into the derived variant if the point names one."""
-    from wpn_dist import engine
-    from wpn_dist.config import TrainArguments
+    from wpn_dist.app import engine
+    from wpn_dist.app.config import TrainArguments
     name = point["ds_config"]
     train = TrainArguments(micro_batch_size=point["micro_batch"], steps=point["warmup_steps"] + point["steps"],
                            warmup_steps=2, ds_config=VARIANTS.get(name, name), precision=point["precision"],
@@ -95,7 +96,7 @@ def synthetic_batch(point: dict, vocab_size: int, groups: tuple, rank: int, step
     """A packed batch (data.pack_batch) of random token ids: micro_batch examples, each a positive and
     K negatives sharing its prompt, plus micro_batch rows per extra group of the method (ga: random
     answers to the example's prompt, normal rows with their own prompt). No row is padded."""
-    from wpn_dist.data import EncodedExample, EncodedPair, pack_batch
+    from wpn_dist.app.data import EncodedExample, EncodedPair, pack_batch
     generator = torch.Generator().manual_seed(point["seed"] * 1_000_003 + rank * 10_007 + step)
     length, prompt_len = point["seq_len"], point["prompt_len"]
 
@@ -125,10 +126,17 @@ def peak_memory() -> dict:
     return out
 
 
+def _point_options(options_class, point: dict):
+    """The method's options for a scaling point: its defaults, with WPN's auxiliary LM term off and its
+    negatives local or global as the point says."""
+    names = {f.name for f in dataclasses.fields(options_class)}
+    given = {"positive_lm_weight": 0.0, "global_negatives": bool(point["global_negatives"])}
+    return options_class(**{k: v for k, v in given.items() if k in names})
+
+
 def measure(point: dict) -> dict:
-    from wpn_dist import engine as engine_lib, models
-    from wpn_dist.config import MethodArguments
-    from wpn_dist.methods import extra_row_groups, loss_terms, needs_reference
+    from wpn_dist.app import engine as engine_lib, models
+    from wpn_dist.core.methods import build_method, method_class
     spec = models.MODEL_SPECS[point["model"]]
     if point["seq_len"] > spec.max_positions:
         raise ValueError(f"seq_len {point['seq_len']} is longer than {spec.name}'s {spec.max_positions} positions")
@@ -145,16 +153,15 @@ def measure(point: dict) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     engine, _, _ = engine_lib.initialize(model, ds_config)
-    method = MethodArguments(method=point["method"], positive_lm_weight=0.0,
-                             global_negatives=bool(point["global_negatives"]))
+    method = build_method(point["method"], _point_options(method_class(point["method"]).Options, point))
     reference = None
-    if needs_reference(method):
+    if method.needs_reference():
         reference = CountingReference(engine_lib.initialize_reference(
             models.load_model(spec.name, vocab, init="random", dtype=dtype, seed=point["seed"]), ds_config))
     setup_s = time.perf_counter() - started
 
     total = point["warmup_steps"] + point["steps"]
-    groups = extra_row_groups(method)
+    groups = method.row_groups()
     batches = [synthetic_batch(point, spec.vocab_size, groups, rank, step) for step in range(total)]
     tokens = int(batches[0]["attention_mask"].sum())
     rows = int(batches[0]["input_ids"].shape[0])
@@ -171,7 +178,7 @@ def measure(point: dict) -> dict:
         sync()
         t0 = time.perf_counter()
         batch = {k: v.to(engine.device) for k, v in cpu_batch.items()}
-        terms = loss_terms(engine, batch, method, reference)
+        terms = method.loss_terms(engine, batch, reference)
         engine.backward(terms["loss/total"])
         engine.step()
         sync()
@@ -207,7 +214,7 @@ def main(argv=None) -> None:
         point = json.load(f)
     result = measure(point)
     if distributed.is_main():
-        from wpn_dist.scaling_metrics import machine
+        from wpn_dist.bench.scaling.metrics import machine
         result.update(machine(not distributed.on_cpu()))
         with open(args.result + ".tmp", "w") as f:
             json.dump(result, f)

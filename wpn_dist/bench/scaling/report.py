@@ -12,7 +12,7 @@ import os
 import shutil
 from collections import defaultdict
 
-from .scaling_grid import POINT_DEFAULTS
+from .grid import POINT_DEFAULTS
 
 COLUMNS = [
     # identity and outcome

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# CI: run the fast tests against the LOWEST transformers that setup.py allows.
+#
+# The floor is written once, in setup.py ("transformers>=X,<6"); this script reads it from there.
+# It makes a throwaway venv that sees the system packages (--system-site-packages), installs exactly
+# transformers==X into it (pip may also swap huggingface_hub / tokenizers / datasets for versions that
+# fit X; torch is pinned to the system's version so it is never touched), checks what gets imported,
+# then runs pytest from the repository root.
+#
+# Usage: .ci/floor-tests.sh [TEST_FILE ...]   (default: the fast test files below)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+
+# Fast tests: no deepspeed launcher, except test_hf_io.py (one 2-rank CPU launch, ~15 s), kept because
+# it is the test that fails below the floor (a bf16 export must load back as bf16 without dtype=).
+DEFAULT_TESTS=(tests/test_pooling.py tests/test_losses.py tests/test_data.py tests/test_methods.py
+               tests/test_memory.py tests/test_judges.py tests/test_bad_input.py tests/test_hf_io.py)
+if [ "$#" -gt 0 ]; then TESTS=("$@"); else TESTS=("${DEFAULT_TESTS[@]}"); fi
+
+# Requirements for the venv, from setup.py: install_requires plus the "test" extra, with transformers
+# pinned to its floor and torch to the version already installed. First line: the floor.
+REQS=$("$PY" - <<'EOF'
+import ast, re, sys
+import torch
+tree = ast.parse(open("setup.py").read())
+call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+reqs = list(kw["install_requires"]) + list(kw.get("extras_require", {}).get("test", []))
+floor = None
+out = []
+for r in reqs:
+    name = re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower()
+    if name == "transformers":
+        m = re.search(r">=\s*([0-9][0-9A-Za-z.]*)", r)
+        if not m:
+            sys.exit(f"setup.py: no '>=' floor in {r!r}")
+        floor = m.group(1)
+        out.append(f"transformers=={floor}")
+    elif name == "torch":
+        out.append("torch==" + torch.__version__.split("+")[0])
+    else:
+        out.append(r)
+if floor is None:
+    sys.exit("setup.py: no transformers requirement")
+print(floor)
+print("\n".join(out))
+EOF
+)
+FLOOR=$(head -n1 <<<"$REQS")
+VENV=$(mktemp -d "${TMPDIR:-/tmp}/wpn-floor.XXXXXX")
+trap 'rm -rf "$VENV"' EXIT
+tail -n +2 <<<"$REQS" >"$VENV/requirements.txt"
+echo "floor-tests: transformers==$FLOOR (from setup.py); venv $VENV"
+
+"$PY" -m venv --system-site-packages "$VENV/env"
+"$VENV/env/bin/python" -m pip install -q --disable-pip-version-check -r "$VENV/requirements.txt"
+"$VENV/env/bin/python" -m pip check
+
+# What actually gets imported: the floor transformers, the system torch, and this checkout's package.
+"$VENV/env/bin/python" - "$FLOOR" "$("$PY" -c 'import torch; print(torch.__version__)')" "$REPO" <<'EOF'
+import os, sys
+from packaging.version import Version
+import torch, transformers, wpn_dist
+floor, system_torch, repo = sys.argv[1:]
+print(f"floor-tests: transformers {transformers.__version__} ({os.path.dirname(transformers.__file__)}), "
+      f"torch {torch.__version__}")
+assert Version(transformers.__version__) == Version(floor), (transformers.__version__, floor)
+assert torch.__version__ == system_torch, (torch.__version__, system_torch)
+assert os.path.realpath(wpn_dist.__file__).startswith(os.path.realpath(repo) + os.sep), wpn_dist.__file__
+EOF
+
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cpu \
+    "$VENV/env/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}"

@@ -1,0 +1,61 @@
+"""One optimizer step's loss and full parameter gradients for every method, on tiny OPT under ZeRO-3
+with activation checkpointing, for the same 4 examples split as LAYOUT: "1x4" (one rank, one
+micro-batch of 4), "2x2" (two ranks of 2) or "1x2acc2" (one rank, two accumulated micro-batches of 2).
+Usage: invariance.py LAYOUT OUT (rank 0 saves {method: {"loss", "grads"}})."""
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from wpn_dist.app import distributed, engine, models
+from wpn_dist.app.config import TrainArguments
+from wpn_dist.app.data import BatchMaker, encode_examples, read_jsonl
+from wpn_dist.core.methods import build_method, method_class
+
+NORMAL = [{"prompt": "what color is the sky", "response": "the sky is blue."},
+          {"prompt": "name a fruit", "response": "an apple."},
+          {"prompt": "count to three", "response": "one two three."}]
+PLANS = {"1x4": [[[0, 1, 2, 3]]], "2x2": [[[0, 1], [2, 3]]], "1x2acc2": [[[0, 1]], [[2, 3]]]}
+WPN = method_class("wpn").Options
+METHODS = {"wpn": build_method("wpn", WPN(positive_lm_weight=1.0, retain_weight=1.0, temperature=0.5)),
+           "wpn-local-negatives": build_method("wpn", WPN(global_negatives=False, positive_lm_weight=0.5,
+                                                          retain_weight=1.0, retain_loss="kl")),
+           "ga": build_method("ga"), "icu": build_method("icu"), "lm": build_method("lm")}
+
+layout, out_path = sys.argv[-2:]
+plan = PLANS[layout]
+distributed.init()
+assert len(plan[0]) == distributed.world_size(), (layout, distributed.world_size())
+tokenizer = models.load_tokenizer("tiny-opt")
+examples = read_jsonl("tests/data/tiny.jsonl")
+encoded, _, _ = encode_examples(examples, tokenizer, "Q: {prompt} A:", 128)
+train = TrainArguments(micro_batch_size=len(plan[0][0]), gradient_accumulation_steps=len(plan), steps=2,
+                       ds_config="zero3")
+ds_config = engine.build_ds_config(train, 1e-3, distributed.world_size())
+reference = engine.initialize_reference(models.load_model("tiny-opt", tokenizer, init="random", seed=0), ds_config)
+results = {}
+for name, method in METHODS.items():
+    model = models.load_model("tiny-opt", tokenizer, init="random", seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    eng, _, _ = engine.initialize(model, ds_config)
+    eng.train()
+    maker = BatchMaker(encoded, examples, tokenizer, "Q: {prompt} A:", 128, method.row_groups(), NORMAL, seed=0)
+    batches = maker.step_batches(plan, step=1, rank=distributed.rank())
+    loss = 0.0
+    for micro, batch in enumerate(batches):
+        batch.pop("num_tokens")
+        terms = method.loss_terms(eng, batch, reference if method.needs_reference() else None)
+        eng.backward(terms["loss/total"])
+        loss += terms["loss/total"].item() / len(batches)
+        if micro < len(batches) - 1:
+            eng.step()  # inside the accumulation window: counts the micro-step, leaves the weights
+    grads = {}
+    for pname, param in eng.module.named_parameters():  # collective under ZeRO-3: every rank, same order
+        grads[pname] = safe_get_full_grad(param).detach().clone().float()
+    results[name] = {"loss": distributed.all_reduce_mean(loss), "grads": grads}
+    eng.destroy()
+if distributed.is_main():
+    torch.save(results, out_path)
+distributed.shutdown()
+distributed.exit_now()

@@ -1,0 +1,399 @@
+"""The trainer behind ``deepspeed wpn_dist/train.py``: it builds a run's parts in one order and owns
+the run's state.
+
+With no options it runs the embedded default: the toy world's implanted model is unlearned with WPN
+under ZeRO-3 and evaluated before and after on held-out prompts.
+
+What the trainer owns (``Trainer.state_dict``): the step, the data cursor, the evaluation results so
+far and the RNG states of Python, torch's CPU generator and every CUDA device. DeepSpeed saves the
+rest of the state (model, optimizer, learning-rate schedule) partitioned across ranks, in the same
+checkpoint (wpn_dist/app/checkpoint.py).
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+# DeepSpeed still calls the collectives torch 2.13 deprecated, once per step per rank.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                        category=FutureWarning)
+
+from ..core.methods import build_method  # noqa: E402
+from . import distributed, toy_world  # noqa: E402
+from .config import ConfigError, RunConfig, parse_config  # noqa: E402
+from .data import BatchMaker, DataCursor, detect_format, encode_examples, examples_from_rows, read_jsonl, \
+    read_normal_jsonl, read_pku_saferlhf  # noqa: E402
+from .evaluation import evaluate_model, evaluation_inputs, format_table  # noqa: E402
+from .generation import generate  # noqa: E402
+from .hooks import Hooks, load_hooks  # noqa: E402
+
+# Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
+STOPPED_EXIT_CODE = 99
+TOY_LR = 5e-4
+DEFAULT_LR = 1e-5
+
+
+def resolve_defaults(cfg: RunConfig) -> None:
+    """Options whose default depends on the run: the toy world's tiny model wants larger steps, and a
+    method's options may have toy-world defaults of their own."""
+    is_toy = cfg.model.model == "toy"
+    if cfg.train.lr is None:
+        cfg.train.lr = TOY_LR if is_toy else DEFAULT_LR
+    if hasattr(cfg.method_options, "resolve_defaults"):
+        cfg.method_options.resolve_defaults(toy_world=is_toy)
+    if cfg.data.normal_data is None and cfg.data.data == "toy":
+        cfg.data.normal_data = "toy"
+    if is_toy and cfg.data.data != "toy":
+        raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
+
+
+@dataclass
+class RunInputs:
+    """Everything read and validated before a process group is joined or a file written."""
+    world: object          # the toy world, or None
+    tokenizer: object
+    examples: list         # data.Example, as read
+    encoded: list          # data.EncodedExample, the training set (indices of the data cursor)
+    batches: BatchMaker
+    evaluation: tuple | None  # (splits, judge, normal rows) when the run evaluates
+    notes: str             # what was read, for the log
+
+
+def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
+    """Read and validate the data, the tokenizer and the evaluation inputs (raises ValueError/OSError
+    with a one-line message)."""
+    data = cfg.data
+    world = toy_world.make_world(toy_world.ToyWorldConfig(seed=data.toy_seed)) if data.data == "toy" else None
+    from . import models
+    if cfg.model.model == "toy":
+        tokenizer = toy_world.make_tokenizer(world)
+    else:
+        tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
+    # --normal_data is read once: training (GA, retain terms) and evaluation (utility) both use it.
+    user_normal_rows = read_normal_jsonl(data.normal_data) if data.normal_data not in (None, "toy") else None
+    fmt = data.data_format
+    if data.data == "toy":
+        examples, fmt, skipped = examples_from_rows(world.unlearning_rows(), "toy world"), "toy", 0
+    else:
+        fmt = detect_format(data.data) if fmt == "auto" else fmt
+        examples, skipped = (read_jsonl(data.data), 0) if fmt == "jsonl" else read_pku_saferlhf(data.data, data.data_split)
+    encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
+                                                  data.overlong, source=data.data)
+    notes = f"{len(encoded)} examples from {data.data} ({fmt})"
+    if skipped or dropped or truncated:
+        notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong, " \
+                 f"{truncated} responses truncated to --max_length {data.max_length}"
+    normal_rows = None
+    if {"normal", "random"} & set(method.row_groups()):
+        if data.normal_data is None:
+            raise ConfigError(f"--method {cfg.method.method} with these options needs --normal_data "
+                              f"(a JSONL file of {{prompt, response}} rows)")
+        normal_rows = world.normal_rows() if data.normal_data == "toy" else user_normal_rows
+        notes += f"; {len(normal_rows)} normal rows from {data.normal_data}"
+    batches = BatchMaker(encoded, examples, tokenizer, data.prompt_format, data.max_length, method.row_groups(),
+                         normal_rows, cfg.train.seed)
+    evaluation = None
+    if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts):
+        evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, user_normal_rows, cfg.eval.judge,
+                                       cfg.eval.judge_harmless_labels)
+    out = cfg.train.output_dir
+    if out is not None and os.path.isdir(out) and os.listdir(out) and not cfg.train.overwrite_output_dir \
+            and cfg.train.resume == "never":
+        raise ConfigError(f"--output_dir {out} already holds a run; continue it with --resume auto, "
+                          f"choose another directory, or pass --overwrite_output_dir")
+    return RunInputs(world, tokenizer, examples, encoded, batches, evaluation, notes)
+
+
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM (Slurm's warning before a time limit, preemption) so that the loop can
+    checkpoint at the next step boundary and exit with STOPPED_EXIT_CODE, for the job to requeue."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()  # every device this process sees
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+
+
+class Trainer:
+    """One run: built in the order of ``__init__``, trained by ``fit``. It is also the ``TrainingRun``
+    the methods' hooks see (wpn_dist/core/methods/base.py)."""
+
+    def __init__(self, cfg: RunConfig, method, inputs: RunInputs, stop_signal: StopSignal, hooks: Hooks):
+        self.cfg, self.method, self.inputs, self.stop_signal, self.hooks = cfg, method, inputs, stop_signal, hooks
+        self.tokenizer = inputs.tokenizer
+        # 1. Process group, run directory, resolved config.
+        distributed.init()
+        if cfg.train.output_dir is None:  # runs/<method>-<model>-<time>, rank 0's clock (collective)
+            stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+            cfg.train.output_dir = os.path.join(
+                "runs", f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
+        self.run_dir = cfg.train.output_dir
+        if distributed.is_main():
+            if cfg.train.overwrite_output_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+        distributed.barrier()
+        distributed.print0(f"wpn_dist: run directory {self.run_dir}; world size {distributed.world_size()}; "
+                           f"{inputs.notes}")
+        # 2. Model and engine (the toy world's base model is implanted once, on rank 0, and cached).
+        self.engine, self.reference = self._build_engines()
+        # 3. Where the loop stands: step, data cursor, evaluation results.
+        self.step = self.first_step = 1
+        self.cursor = DataCursor(range(len(inputs.encoded)), cfg.train.micro_batch_size, distributed.world_size(),
+                                 cfg.train.gradient_accumulation_steps, cfg.train.seed)
+        self.results, self.last_saved = {}, None
+        # 4. Resume from a checkpoint, if asked and there is one.
+        from . import checkpoint
+        resume_from = None
+        if cfg.train.resume == "auto":
+            resume_from = checkpoint.newest_complete(self.run_dir, log=distributed.print0)
+        elif cfg.train.resume != "never":
+            problem = checkpoint.problem_with(cfg.train.resume)
+            if problem:
+                distributed.fail(f"--resume {cfg.train.resume}: {problem}")
+            resume_from = cfg.train.resume
+        if resume_from is not None:
+            self.load_state_dict(checkpoint.load(self.engine, resume_from))
+            self.last_saved = resume_from
+            distributed.print0(f"wpn_dist: resumed from {resume_from} at step {self.first_step - 1}")
+        self.resumed = resume_from is not None
+
+    def _build_engines(self) -> tuple:
+        """The DeepSpeed engine of the model being unlearned and, if the method needs it, the frozen
+        original as a second engine. Under ZeRO-3 an HfDeepSpeedConfig must exist while from_pretrained
+        runs, so that weights are partitioned as they load instead of materialising on every rank."""
+        from . import engine as engine_lib, models
+        cfg = self.cfg
+        model_name = cfg.model.model
+        if model_name == "toy":
+            implant_cfg = toy_world.ImplantConfig()
+            model_name = toy_world.implant_dir(self.inputs.world.config, implant_cfg)
+            if distributed.is_main() and not os.path.isdir(model_name):
+                distributed.print0(f"wpn_dist: implanting the toy model (once; cached in {model_name})")
+                toy_world.implant(self.inputs.world, implant_cfg, model_name, log=distributed.print0)
+            distributed.barrier()
+        ds_config = engine_lib.build_ds_config(cfg.train, cfg.train.lr, distributed.world_size())
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self._hf_ds_config = None
+        if engine_lib.zero_stage(ds_config) == 3 and cfg.model.model_init == "pretrained":
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # kept alive on purpose
+
+        def load():
+            return models.load_model(model_name, self.tokenizer, cfg.model.model_init, dtype, cfg.train.seed)
+        model = load()
+        if cfg.train.activation_checkpointing:
+            # Non-reentrant: works with one packed forward per step and ZeRO-3's gradient hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        engine, _, _ = engine_lib.initialize(model, ds_config)
+        reference = engine_lib.initialize_reference(load(), ds_config) if self.method.needs_reference() else None
+        return engine, reference
+
+    # --- the state a checkpoint holds beside DeepSpeed's ------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "results": self.results, "cursor": self.cursor.state(), "rng": rng_states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        c = state["cursor"]
+        self.cursor = DataCursor(c["subset"], self.cfg.train.micro_batch_size, distributed.world_size(),
+                                 self.cfg.train.gradient_accumulation_steps, self.cfg.train.seed, c["epoch"], c["index"])
+        self.step = self.first_step = state["step"] + 1
+        self.results = state["results"]
+        set_rng_states(state["rng"])
+
+    # --- what the methods' hooks see (core.methods.base.TrainingRun) -------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor.epoch
+
+    def examples(self) -> list:
+        by_id = self.inputs.batches.examples
+        return [by_id[e.example_id] for e in self.inputs.encoded]
+
+    def generate(self, prompts: list) -> list:
+        texts = generate(self.engine.module, self.tokenizer, prompts, self.cfg.data.prompt_format,
+                         self.cfg.eval.max_new_tokens, self.cfg.eval.eval_batch_size)
+        # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
+        self.engine.empty_partition_cache()
+        return texts
+
+    def set_epoch_subset(self, indices: list) -> None:
+        self.cursor.restrict(indices)
+
+    def set_anchors(self, continuations: dict) -> None:
+        self.inputs.batches.set_anchors(continuations)
+
+    def log(self, message: str) -> None:
+        distributed.print0(message)
+
+    # --- evaluation, one step, the loop --------------------------------------------------------
+
+    def evaluate(self, only_first_split: bool = False) -> dict:
+        splits, judge, normal_rows = self.inputs.evaluation
+        if only_first_split:
+            splits, normal_rows = dict([next(iter(splits.items()))]), []
+        result = evaluate_model(self.engine.module, self.tokenizer, splits, judge, normal_rows,
+                                self.cfg.data.prompt_format, self.cfg.eval.max_new_tokens,
+                                self.cfg.eval.eval_batch_size, self.cfg.data.max_length)
+        self.engine.empty_partition_cache()  # see generate()
+        return result
+
+    def train_step(self) -> tuple:
+        """One optimizer step over the cursor's next step plan: for each micro-batch one packed forward,
+        the method's loss, backward and the engine's step. Returns (each term's mean over the
+        micro-batches, as detached tensors; tokens counted)."""
+        plan = self.cursor.next_step()
+        rank, num_micro = distributed.rank(), self.cfg.train.gradient_accumulation_steps
+        sums, tokens = {}, 0
+        for batch in self.inputs.batches.step_batches(plan, self.step, rank):
+            tokens += batch.pop("num_tokens")
+            batch = {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            terms = self.method.loss_terms(self.engine, batch, self.reference)
+            loss = self.hooks.loss(self.step, terms["loss/total"])
+            # Collective, every micro-batch: all ranks stop together, before a bad step touches the weights.
+            if distributed.all_reduce_max(int(not torch.isfinite(loss).item())):
+                distributed.fail(f"non-finite loss at step {self.step}; the last good checkpoint is "
+                                 f"{self.last_saved or 'none (no checkpoint was saved)'}, left as it was", code=3)
+            self.engine.backward(loss)
+            self.engine.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach() / num_micro
+        return sums, tokens
+
+    def save(self, step: int) -> None:
+        from . import checkpoint
+        self.last_saved = checkpoint.save(self.engine, self.run_dir, step, self.state_dict(),
+                                          keep=self.cfg.train.keep_checkpoints, hooks=self.hooks)
+
+    def fit(self) -> dict:
+        """Evaluate before (a fresh run), train to --steps with logging, evaluation and checkpoints,
+        then evaluate after, export and write summary.json. Collective."""
+        from .metrics import RunLogger, memory_gib
+        cfg, evaluates = self.cfg, cfg_evaluates(self.cfg, self.inputs)
+        if not self.resumed:
+            if evaluates and cfg.eval.evaluate_before:
+                self.results["before"] = self.evaluate()
+            self.method.on_epoch_start(self)
+        logger = RunLogger(self.run_dir, cfg.train.steps, distributed.is_main())
+        logger.advance(self.first_step - 1)
+        # Throughput windows count only the steps' own time: evaluation and checkpoints are excluded.
+        window_seconds, window_tokens, total_tokens, last_loss = 0.0, 0, 0, float("nan")
+        started, last_step = time.time(), self.first_step - 1
+        self.engine.train()
+        for step in range(self.first_step, cfg.train.steps + 1):
+            self.step = step
+            if self.cursor.subset and self.cursor.epoch_done():  # epochs end on step boundaries (ShardedSampler)
+                self.cursor.start_epoch()
+                self.method.on_epoch_start(self)
+            if not self.cursor.subset:
+                distributed.print0(f"wpn_dist: every example has left the training set ({cfg.method.method}); "
+                                   f"stopping before step {step}")
+                break
+            self.method.on_step_start(self)
+            step_started = time.time()
+            terms, tokens = self.train_step()
+            window_seconds += time.time() - step_started
+            window_tokens += tokens
+            last_step = step
+            logger.advance()
+            steps_in_window = (step - 1) % cfg.train.log_every + 1
+            if steps_in_window == cfg.train.log_every or step == cfg.train.steps:
+                # Collectives: every rank reaches this at the same steps.
+                row = {name: distributed.all_reduce_mean(float(value)) for name, value in terms.items()}
+                tokens_all = distributed.all_reduce_sum(window_tokens)
+                seconds = distributed.all_reduce_max_float(window_seconds)
+                row.update({"lr": self.engine.get_lr()[0], "step_time(s)": seconds / steps_in_window,
+                            "throughput(tokens/s)": tokens_all / max(seconds, 1e-9), **memory_gib(),
+                            **self.method.log_values()})
+                last_loss = row["loss/total"]
+                logger.log(step, row)
+                total_tokens += tokens_all
+                window_seconds, window_tokens = 0.0, 0
+            if evaluates and cfg.eval.eval_every and step % cfg.eval.eval_every == 0:
+                rates = self.evaluate(only_first_split=True)["harmless_rate"]
+                logger.log(step, {"eval/harmless_rate": next(iter(rates.values()))["rate"]})
+            self.hooks.after_step(step)
+            # Collective, every step: a stop signal on any rank stops all ranks at this step boundary.
+            stop_requested = bool(distributed.all_reduce_max(int(self.stop_signal.received)))
+            if stop_requested or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                self.save(step)
+            if stop_requested and step < cfg.train.steps:
+                logger.close()
+                distributed.print0(f"wpn_dist: stop signal: checkpoint {self.last_saved} saved at step {step}; "
+                                   f"exiting with status {STOPPED_EXIT_CODE} (continue with --resume auto)")
+                distributed.shutdown()  # so that the exit status stays 99 (see shutdown and exit_now)
+                distributed.exit_now(STOPPED_EXIT_CODE)
+        if self.first_step <= last_step < cfg.train.steps:  # stopped early (ICU): save where it stopped
+            self.step = last_step
+            self.save(last_step)
+        logger.close()
+        return self.finish(last_step, time.time() - started, total_tokens, last_loss)
+
+    def finish(self, last_step: int, wall_seconds: float, total_tokens: int, last_loss: float) -> dict:
+        cfg = self.cfg
+        if cfg_evaluates(cfg, self.inputs):
+            self.results["after"] = self.evaluate()
+        if cfg.train.export_hf:
+            from .export import export_hf
+            export_hf(self.engine, self.tokenizer, os.path.join(self.run_dir, "hf"))
+        summary = {"method": cfg.method.method, "model": cfg.model.model, "world_size": distributed.world_size(),
+                   "steps": cfg.train.steps, "steps_run": last_step, "first_step": self.first_step,
+                   "tokens": int(total_tokens), "wall_seconds": round(wall_seconds, 2), "final_loss": last_loss,
+                   "checkpoint": self.last_saved, "evaluation": self.results or None}
+        if distributed.is_main():
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            if "after" in self.results:
+                print(format_table(self.results), flush=True)
+            print(f"wpn_dist: done in {wall_seconds:.0f}s; summary in {os.path.join(self.run_dir, 'summary.json')}",
+                  flush=True)
+        return summary
+
+
+def cfg_evaluates(cfg: RunConfig, inputs: RunInputs) -> bool:
+    return cfg.eval.evaluate and inputs.evaluation is not None
+
+
+def main(argv=None) -> dict:
+    # From the start: a stop signal while the model loads still ends in a checkpoint and a requeue.
+    stop_signal = StopSignal()
+    # Options, model name and data are validated before anything is started or written.
+    try:
+        cfg = parse_config(argv)
+        resolve_defaults(cfg)
+        method = build_method(cfg.method.method, cfg.method_options)
+        inputs = prepare_inputs(cfg, method)
+        hooks = load_hooks()
+    except (ValueError, OSError) as e:  # ConfigError, DataError and bad judge options
+        distributed.fail(str(e))
+    summary = Trainer(cfg, method, inputs, stop_signal, hooks).fit()
+    distributed.shutdown()
+    return summary

@@ -1,0 +1,109 @@
+"""WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with optional
+auxiliary terms (positive LM, retain), both our choices and not the paper's."""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..contrastive import npair_loss
+from ..pooling import pool
+from ..token_losses import kl_to_reference, response_cross_entropy
+from . import register
+from .base import Method, forward, normalizer, positive_rows, reference_logits, row_weights, total
+
+
+@dataclass
+class WPNOptions:
+    pooling: Literal["weighted", "mean", "last"] = field(default="weighted", metadata={
+        "help": "WPN: how hidden states are pooled over a span (position-weighted mean by default)."})
+    anchor: Literal["prompt", "generation"] = field(default="prompt", metadata={
+        "help": "WPN: span the anchor is pooled over: the prompt tokens (read from the positive sequence's "
+                "forward), or the response tokens of the model's own greedy continuation (our choices)."})
+    anchor_refresh_steps: int = field(default=10, metadata={
+        "help": "WPN with --anchor generation: steps between regenerating the continuations."})
+    similarity: Literal["cosine", "dot"] = field(default="cosine", metadata={"help": "WPN: similarity in the N-pair loss."})
+    temperature: float = field(default=0.1, metadata={"help": "WPN: temperature tau of the N-pair loss."})
+    global_negatives: bool = field(default=True, metadata={
+        "help": "WPN: use the harmful responses of every example on every rank as negatives (gathered)."})
+    positive_lm_weight: Optional[float] = field(default=None, metadata={
+        "help": "WPN: weight of the token cross-entropy of the harmless response given the prompt, added to the "
+                "N-pair loss (our choice, not the paper's). Default: 0 for real models, 1 for the toy world."})
+    retain_weight: Optional[float] = field(default=None, metadata={
+        "help": "WPN: weight of a retain term on normal data (--normal_data), added to the N-pair loss (our "
+                "choice). Default: 0 for real models, 1 for the toy world."})
+    retain_loss: Literal["ce", "kl"] = field(default="ce", metadata={
+        "help": "WPN: retain term: cross-entropy of the normal responses, or KL from the frozen original model."})
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.anchor_refresh_steps < 1:
+            raise ValueError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
+        for name in ("positive_lm_weight", "retain_weight"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+
+    def resolve_defaults(self, toy_world: bool) -> None:
+        """The toy world's defaults come from the toy benchmark's ablation (README, "The efficacy table")."""
+        if self.positive_lm_weight is None:
+            self.positive_lm_weight = 1.0 if toy_world else 0.0
+        if self.retain_weight is None:
+            self.retain_weight = 1.0 if toy_world else 0.0
+
+
+@register
+class WPN(Method):
+    """N-pair loss; the anchor is pooled over the prompt tokens of the positive rows (by causality the
+    same in every sequence that starts with the prompt: no extra forward), or with ``--anchor
+    generation`` over the response tokens of the model's own continuation (extra rows)."""
+    name = "wpn"
+    Options = WPNOptions
+
+    def row_groups(self) -> tuple:
+        groups = ("anchor",) if self.options.anchor == "generation" else ()
+        return groups + (("normal",) if (self.options.retain_weight or 0) > 0 else ())
+
+    def needs_reference(self) -> bool:
+        return (self.options.retain_weight or 0) > 0 and self.options.retain_loss == "kl"
+
+    def on_step_start(self, run) -> None:
+        if self.options.anchor != "generation":
+            return
+        if run.step == run.first_step or (run.step - 1) % self.options.anchor_refresh_steps == 0:
+            examples = run.examples()
+            texts = run.generate([e.prompt for e in examples])
+            run.set_anchors({e.example_id: text for e, text in zip(examples, texts)})
+
+    def loss_terms(self, model, batch: dict, reference=None) -> dict:
+        o = self.options
+        lm_weight, retain_weight = o.positive_lm_weight or 0.0, o.retain_weight or 0.0
+        out = forward(model, batch, hidden_states=True, logits=lm_weight > 0 or retain_weight > 0)
+        hidden = out.hidden_states[-1]
+        positives = positive_rows(batch)
+        num_examples = positives.shape[0]
+        responses = pool(hidden, batch["response_mask"], o.pooling)  # [S, D] fp32
+        if o.anchor == "generation":
+            anchor = responses[batch["anchor_rows"]]
+        else:
+            anchor = pool(hidden[:num_examples], batch["prompt_mask"], o.pooling)
+        negatives = responses[batch["negative_rows"]]  # [B, K, D]; masked slots point at row 0
+        terms = {"loss/npair": npair_loss(anchor, responses[:num_examples], negatives, batch["negative_mask"],
+                                          temperature=o.temperature, similarity=o.similarity,
+                                          global_negatives=o.global_negatives, example_ids=batch["example_ids"],
+                                          anchor_weights=row_weights(batch, positives),
+                                          normalizer=normalizer(batch, "anchors"))}
+        weights = {"npair": 1.0}
+        if lm_weight > 0:
+            terms["loss/positive_lm"] = response_cross_entropy(
+                out.logits[positives], batch["labels"][positives], row_weights(batch, positives),
+                normalizer(batch, "tokens/positive"))
+            weights["positive_lm"] = lm_weight
+        if retain_weight > 0:
+            rows = batch["normal_rows"]
+            if o.retain_loss == "kl":
+                terms["loss/retain"] = kl_to_reference(out.logits[rows], reference_logits(reference, batch, rows),
+                                                       batch["attention_mask"][rows], row_weights(batch, rows),
+                                                       normalizer(batch, "attended/normal"))
+            else:
+                terms["loss/retain"] = response_cross_entropy(out.logits[rows], batch["labels"][rows],
+                                                              row_weights(batch, rows), normalizer(batch, "tokens/normal"))
+            weights["retain"] = retain_weight
+        return total(terms, weights)
