@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared logic of the slurm/*.sh job templates; they source this file after their #SBATCH lines and
 # model defaults. One Slurm task per GPU: `srun` starts `python wpn_dist/train.py` once per rank (no
-# deepspeed launcher inside the job); wpn_dist.distributed.init() reads the rank from SLURM_PROCID,
+# deepspeed launcher inside the job); wpn_dist.app.distributed.init() reads the rank from SLURM_PROCID,
 # SLURM_LOCALID and SLURM_NTASKS. See slurm/README.md.
 #
 # Knobs (environment variables; sbatch passes the submitting shell's environment to the job):
@@ -197,7 +197,7 @@ if [[ $DRY_RUN == 1 ]]; then
     echo "# dry run of job $SLURM_JOB_NAME (id $SLURM_JOB_ID): ${#HOST_ARRAY[@]} node(s), $SLURM_NTASKS rank(s), tasks per node $SLURM_TASKS_PER_NODE"
     echo "# batch script (on ${HOST_ARRAY[0]}), in $WPN_DIST_ROOT:"
     echo "srun: $(quoted "${SRUN[@]}" "${TRAIN[@]}")"
-    echo "# each task: wpn_dist.distributed.init() sets RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID WORLD_SIZE=SLURM_NTASKS"
+    echo "# each task: wpn_dist.app.distributed.init() sets RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID WORLD_SIZE=SLURM_NTASKS"
     rank=0 node=0
     while read -r count; do
         for ((local = 0; local < count; local++)); do

@@ -94,6 +94,9 @@ def test_overlong_prompt_is_an_error_or_dropped_with_a_count(tmp_path, capsys, e
     (["--ga_kl_weight", "-1"], "--ga_kl_weight must be >= 0"),
     (["--normal_data", "/nonexistent/normal.jsonl"], "--normal_data /nonexistent/normal.jsonl: no such file"),
     (["--judge", "/nonexistent/judge"], "--judge"),
+    (["--max-length", "long"], "argument --max_length/--max-length: invalid int value: 'long'"),
+    (["--ga-kl-weight", "1"], "--ga_kl_weight is an option of --method ga, not of --method wpn"),
+    (["--config"], "--config needs a file path"),
 ])
 def test_bad_options(argv, expected, capsys, existing_run):
     message = run_expecting_error(capsys, argv + ["--output_dir", str(existing_run), "--overwrite_output_dir"])

@@ -8,6 +8,13 @@ import pytest
 from conftest import REPO, run_deepspeed
 from wpn_dist.app import checkpoint
 
+
+def fault(spec: str) -> dict:
+    """Environment that installs tests/fault_hooks.py into the run and names the fault and its step."""
+    tests_dir = os.path.join(REPO, "tests")
+    return {"WPN_DIST_HOOKS": "fault_hooks:FaultHooks", "WPN_DIST_FAULT": spec,
+            "PYTHONPATH": REPO + os.pathsep + tests_dir}
+
 ARGS = ["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
         "--data", os.path.join(REPO, "tests", "data", "tiny.jsonl"), "--steps", "8", "--micro_batch_size", "2",
         "--lr", "1e-3", "--log_every", "1", "--save_every", "3", "--export_hf", "false"]
@@ -28,7 +35,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(uninterrupted, tmp_path):
     run = tmp_path / "crashed"
-    crashed = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_FAULT="exit_after_step:5")
+    crashed = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("exit_after_step:5"))
     assert crashed.returncode != 0
     assert checkpoint.newest_complete(str(run)).endswith("step00000003")
     resumed = run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"])
@@ -43,7 +50,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(uninterrupted, tmp_pa
 
 def test_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "crash_in_save"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_FAULT="crash_in_save:6")
+    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("crash_in_save:6"))
     assert result.returncode != 0
     root = checkpoint.checkpoint_root(str(run))
     assert open(os.path.join(root, "latest")).read() == "step00000003"
@@ -71,7 +78,7 @@ def test_truncated_shard_is_detected_and_the_previous_checkpoint_used(uninterrup
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_FAULT="nan_at_step:5")
+    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("nan_at_step:5"))
     assert result.returncode != 0
     good = os.path.join(checkpoint.checkpoint_root(str(run)), "step00000003")
     assert f"non-finite loss at step 5; the last good checkpoint is {good}" in result.stderr
@@ -80,7 +87,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
 
 def test_stop_signal_on_one_rank_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
     run = tmp_path / "signalled"
-    stopped = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_FAULT="usr1_last_rank_at_step:4")
+    stopped = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("usr1_last_rank_at_step:4"))
     assert stopped.returncode != 0 and "exiting with status 99" in stopped.stdout
     assert checkpoint.newest_complete(str(run)).endswith("step00000004")
     run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"])

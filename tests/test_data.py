@@ -59,7 +59,7 @@ def test_config_precedence_file_then_command_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("steps: 7\nlr: 0.01\nglobal_negatives: false\n")
     cfg = parse_config(["--config", str(config), "--lr", "0.02"])
-    assert (cfg.train.steps, cfg.train.lr, cfg.method.global_negatives) == (7, 0.02, False)
+    assert (cfg.train.steps, cfg.train.lr, cfg.method_options.global_negatives) == (7, 0.02, False)
     assert parse_config([]).train.steps == 120
 
 

@@ -91,6 +91,9 @@ def test_activation_formula():
 def test_micro_batch_and_not_fitting():
     p = plan_for("opt-66b", 8, 8, offload="cpu", reserve_gib=2.0)
     act = p["activation_bytes_per_sequence"]
+    # The micro-batch counts examples, as the trainer's --micro_batch_size: 1 positive + K=1 negative.
+    assert p["sequences_per_example"] == 2 and p["inputs"]["negatives"] == 1
+    assert p["activation_bytes_per_example"] == {m: 2 * act[m] for m in act}
     # ZeRO-2 keeps the 16-bit weights whole on every GPU: 2 * 65.7B bytes > 80 GiB.
     for off in ("none", "cpu"):
         r = row(p, 2, off)
@@ -98,12 +101,45 @@ def test_micro_batch_and_not_fitting():
     r = row(p, 3, "none")
     free = 78 * GIB - r["gpu_bytes"]["total"]
     assert r["fits"] and r["free_for_activations_bytes"] == pytest.approx(free)
-    assert r["max_micro_batch"]["checkpointed"] == math.floor(free / act["checkpointed"]) > 0
-    assert r["max_micro_batch"]["full"] == math.floor(free / act["full"])
+    assert r["max_micro_batch"]["checkpointed"] == math.floor(free / (2 * act["checkpointed"])) > 0
+    assert r["max_micro_batch"]["full"] == math.floor(free / (2 * act["full"]))
+    assert r["max_micro_batch_sequences"] == {m: 2 * n for m, n in r["max_micro_batch"].items()}
     assert [r["selected"] for r in p["rows"]] == [False, True, False, True]
     # A bigger reserve can only shrink the micro-batch.
     q = plan_for("opt-66b", 8, 8, reserve_gib=20.0)
     assert row(q, 3, "none")["max_micro_batch"]["checkpointed"] < r["max_micro_batch"]["checkpointed"]
+
+
+def test_micro_batch_counts_examples_of_one_plus_k_sequences():
+    # More negatives per example: fewer examples fit, the model states stay the same.
+    by_k = {k: row(plan_for("opt-1.3b", 1, 8, negatives=k), 3, "none") for k in (0, 1, 3)}
+    free = by_k[0]["free_for_activations_bytes"]
+    act = plan_for("opt-1.3b", 1, 8)["activation_bytes_per_sequence"]["checkpointed"]
+    for k, r in by_k.items():
+        assert r["gpu_bytes"] == by_k[0]["gpu_bytes"]
+        assert r["max_micro_batch"]["checkpointed"] == math.floor(free / ((1 + k) * act))
+        assert r["max_micro_batch_sequences"]["checkpointed"] == (1 + k) * r["max_micro_batch"]["checkpointed"]
+    assert by_k[0]["max_micro_batch"]["checkpointed"] > by_k[1]["max_micro_batch"]["checkpointed"] \
+        > by_k[3]["max_micro_batch"]["checkpointed"]
+    with pytest.raises(ValueError, match="negatives"):
+        plan_for("opt-1.3b", 1, 8, negatives=-1)
+
+
+def test_cli_options_hyphens_underscores_and_config(tmp_path):
+    from wpn_dist.bench.memory import parse_args
+    documented = parse_args(["--model", "opt-66b", "--nodes", "8", "--gpus-per-node", "8", "--offload", "cpu",
+                             "--gpu-memory-gib", "40", "--reserve-gib", "3", "--seq-len", "256",
+                             "--precision", "fp16", "--no-zero-init"])
+    assert (documented.gpus_per_node, documented.gpu_memory_gib, documented.reserve_gib, documented.seq_len,
+            documented.zero_init, documented.negatives) == (8, 40.0, 3.0, 256, False, 1)
+    same = parse_args(["--model", "opt-66b", "--nodes", "8", "--gpus_per_node", "8", "--offload", "cpu",
+                       "--gpu_memory_gib", "40", "--reserve_gib", "3", "--seq_len", "256", "--precision", "fp16",
+                       "--no_zero_init"])
+    assert same == documented
+    config = tmp_path / "plan.yaml"
+    config.write_text("model: opt-1.3b\ngpus-per-node: 4\nnegatives: 2\nzero_init: false\n")
+    options = parse_args(["--config", str(config), "--negatives", "3"])
+    assert (options.model, options.gpus_per_node, options.negatives, options.zero_init) == ("opt-1.3b", 4, 3, False)
 
 
 def run_cli(*args):
@@ -121,6 +157,11 @@ def test_cli_example():
     assert any(line.startswith("* ZeRO-3 offload") for line in lines)
     assert any(line.startswith("  ZeRO-3 on GPU") for line in lines)
     assert "do not fit" in out.stdout  # ZeRO-2 on 80 GiB
+    # The micro-batch is in examples, with the sequences they imply.
+    assert "examples per GPU per forward pass" in out.stdout and "1 + K = 2 sequence(s)" in out.stdout
+    p = plan_for("opt-66b", 8, 8, offload="cpu")
+    mb = row(p, 3, "cpu")["max_micro_batch"]["checkpointed"]
+    assert any(line.startswith("* ZeRO-3 offload") and line.endswith(f"{mb} ({2 * mb})") for line in lines)
 
 
 def test_cli_unknown_model():
@@ -129,3 +170,19 @@ def test_cli_unknown_model():
     assert out.stdout == ""
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "no-such-model" in err[0]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], "the following arguments are required: --model"),
+    (["--model", "opt-1.3b", "--nodes", "0"], "--nodes must be at least 1, got 0"),
+    (["--model", "opt-1.3b", "--seq-len", "0"], "--seq_len must be at least 1, got 0"),
+    (["--model", "opt-1.3b", "--negatives", "-1"], "--negatives must be >= 0, got -1"),
+    (["--model", "opt-1.3b", "--offload", "nvme"], "invalid choice: 'nvme'"),
+    (["--model", "opt-1.3b", "--micro-batch-size", "4"], "unknown option(s)"),
+])
+def test_cli_bad_options_are_one_line(argv, expected, capsys):
+    from wpn_dist.bench.memory import main
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert captured.out == "" and len(err) == 1 and err[0].startswith("error:") and expected in err[0], err

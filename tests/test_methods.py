@@ -190,3 +190,12 @@ def test_registry_lists_every_method_with_its_own_options():
     assert method_class("ga").Options().ga_weight == 0.5
     with pytest.raises(ValueError, match="unknown method"):
         method_class("nope")
+
+
+def test_padding_copies_are_not_counted_as_tokens(setup):
+    tokenizer, _, examples, encoded = setup
+    maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, (), None, seed=0)
+    once = maker.step_batches([[[0, 1, 2]]], step=1, rank=0)[0]
+    twice = maker.step_batches([[[0, 1, 2, 1]]], step=1, rank=0)[0]
+    assert once["num_tokens"] == int(once["attention_mask"].sum())
+    assert twice["num_tokens"] == once["num_tokens"] < int(twice["attention_mask"].sum())

@@ -32,11 +32,12 @@ class _Parser(HfArgumentParser):
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the description's own line breaks (module docstrings) and shows each default,
-    except a None one, a required option's, or where the help text already speaks of the default."""
+    except a None or empty one, a required option's, or where the help text already speaks of it."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.required or "default" in text.lower():
+        if action.default in (None, []) or action.required or "default" in text.lower() \
+                or isinstance(action, argparse._StoreConstAction):  # --no_X: its default is X's
             return text
         return super()._get_help_string(action)
 
@@ -87,7 +88,7 @@ def _split_config(argv: list) -> tuple:
     while i < len(argv):
         word = argv[i]
         if word == "--config":
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise OptionError("--config needs a file path")
             path, i = argv[i + 1], i + 2
             continue

@@ -18,16 +18,60 @@ offloads both) move to host memory. Host memory per node is DeepSpeed's number: 
 offloaded states and the fp32 copies made while loading the model, times a 1.5 buffer factor.
 
 Activations follow Korthikanti et al. 2022 (see ``activation_bytes_per_sequence``). The micro-batch
-is an upper bound from a first-order model: allocator fragmentation, communication buckets and
-the loss's own temporaries come out of ``--reserve-gib``.
+counts examples, as the trainer's ``--micro_batch_size`` does: each example is 1 + K sequences of
+``--seq_len`` tokens (its harmless response and its K harmful ones, ``--negatives K``). It is an upper
+bound from a first-order model: allocator fragmentation, communication buckets and the loss's own
+temporaries come out of ``--reserve_gib``.
+
+Options are written ``--gpus_per_node`` or ``--gpus-per-node`` alike (and can come from ``--config FILE``).
 """
-import argparse
 import math
 import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..app.options import OptionError, parse_options
 
 GIB = 2 ** 30
 # DeepSpeed's estimators model mixed-precision Adam only: 16-bit weights and activations.
 BYTES_16BIT = 2
+
+
+@dataclass
+class MemoryOptions:
+    """The options of ``python -m wpn_dist.memory``; their defaults are ``plan``'s too."""
+    model: str = field(metadata={"help": "A name from wpn_dist.app.models.MODEL_SPECS or a local Hugging Face "
+                                         "model directory."})
+    nodes: int = field(default=1, metadata={"help": "Nodes of the job."})
+    gpus_per_node: int = field(default=8, metadata={"help": "GPUs per node."})
+    offload: Literal["none", "cpu"] = field(default="none", metadata={
+        "help": "The rows to mark as selected: model states on the GPUs, or offloaded to host memory."})
+    gpu_memory_gib: float = field(default=80.0, metadata={"help": "Memory of one GPU, GiB."})
+    reserve_gib: float = field(default=2.0, metadata={
+        "help": "GPU memory kept for CUDA context, NCCL and fragmentation, GiB."})
+    seq_len: int = field(default=2048, metadata={
+        "help": "Tokens per sequence (prompt + response: the trainer's --max_length)."})
+    negatives: int = field(default=1, metadata={
+        "help": "K, harmful responses per example: an example of the micro-batch is 1 + K sequences "
+                "(PKU-SafeRLHF rows have 1, the toy world's 2)."})
+    # Only 16-bit: DeepSpeed's model-state estimators assume mixed precision; bf16 and fp16 cost the same.
+    precision: Literal["bf16", "fp16"] = field(default="bf16", metadata={"help": "16-bit mixed precision."})
+    zero_init: bool = field(default=True, metadata={
+        "help": "Model built under deepspeed.zero.Init. --no_zero_init (or --no-zero-init): built without it, "
+                "as wpn_dist's random init does, so each process holds the whole fp32 model while loading."})
+
+    def __post_init__(self):
+        for name in ("nodes", "gpus_per_node", "seq_len"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.negatives < 0:
+            raise OptionError(f"--negatives must be >= 0, got {self.negatives}")
+        if self.gpu_memory_gib <= 0 or self.reserve_gib < 0:
+            raise OptionError("--gpu_memory_gib must be > 0 and --reserve_gib >= 0")
+
+
+_DEFAULT = {name: getattr(MemoryOptions, name) for name in ("reserve_gib", "offload", "negatives", "zero_init",
+                                                             "precision")}
 
 
 def count_model(model):
@@ -121,24 +165,35 @@ def model_states(stage, offload, num_params, largest_layer_params, nodes, gpus_p
 
 
 def plan(num_params, largest_layer_params, num_layers, hidden_size, num_heads, vocab_size,
-         nodes, gpus_per_node, seq_len, gpu_memory_gib, reserve_gib=2.0, offload="none",
-         offload_params=True, zero_init=True, buffer_factor=1.5, precision="bf16") -> dict:
+         nodes, gpus_per_node, seq_len, gpu_memory_gib, reserve_gib=_DEFAULT["reserve_gib"],
+         offload=_DEFAULT["offload"], offload_params=True, zero_init=_DEFAULT["zero_init"], buffer_factor=1.5,
+         precision=_DEFAULT["precision"], negatives=_DEFAULT["negatives"]) -> dict:
     """Model states and largest micro-batch for ZeRO-2/3 with and without CPU offload.
 
-    Returns ``{"inputs": ..., "activation_bytes_per_sequence": {"full", "checkpointed"},
+    The micro-batch counts examples, as the trainer's ``--micro_batch_size``: each example is
+    ``1 + negatives`` sequences of ``seq_len`` tokens (its positive and its K negatives).
+
+    Returns ``{"inputs": ..., "sequences_per_example": 1 + negatives,
+    "activation_bytes_per_sequence": {"full", "checkpointed"}, "activation_bytes_per_example": {...},
     "rows": [...]}``; each row has ``stage``, ``offload``, ``selected`` (matches ``offload``),
     ``gpu_bytes`` and ``cpu_per_node_bytes`` (see ``model_states``), ``gpu_per_node_bytes``,
-    ``free_for_activations_bytes``, ``fits`` (model states + reserve fit the GPU) and
-    ``max_micro_batch`` {"full", "checkpointed"} (0 when it does not fit).
+    ``free_for_activations_bytes``, ``fits`` (model states + reserve fit the GPU),
+    ``max_micro_batch`` {"full", "checkpointed"} in examples (0 when it does not fit) and
+    ``max_micro_batch_sequences`` (the same in sequences).
     """
     inputs = dict(locals())  # first statement: the arguments only
     if offload not in ("none", "cpu"):
         raise ValueError(f"offload must be 'none' or 'cpu', got {offload!r}")
     if precision not in ("bf16", "fp16"):
         raise ValueError(f"precision must be bf16 or fp16 (16-bit mixed precision), got {precision!r}")
+    if negatives < 0:
+        raise ValueError(f"negatives must be >= 0, got {negatives}")
     act = {mode: activation_bytes_per_sequence(seq_len, num_layers, hidden_size, num_heads, vocab_size,
                                                checkpointing=(mode == "checkpointed"))
            for mode in ("full", "checkpointed")}
+    # Every activation term is linear in the sequences of the micro-batch (s*b*h, Korthikanti et al.).
+    sequences_per_example = 1 + negatives
+    act_example = {mode: sequences_per_example * act[mode] for mode in act}
     rows = []
     for stage in (2, 3):
         for off in ("none", "cpu"):
@@ -149,13 +204,16 @@ def plan(num_params, largest_layer_params, num_layers, hidden_size, num_heads, v
             free = (gpu_memory_gib - reserve_gib) * GIB - row["gpu_bytes"]["total"]
             row["free_for_activations_bytes"] = free
             row["fits"] = free > 0
-            row["max_micro_batch"] = {mode: max(0, math.floor(free / act[mode])) for mode in act}
+            row["max_micro_batch"] = {mode: max(0, math.floor(free / act_example[mode])) for mode in act}
+            row["max_micro_batch_sequences"] = {mode: n * sequences_per_example
+                                                for mode, n in row["max_micro_batch"].items()}
             rows.append(row)
-    return dict(inputs=inputs, activation_bytes_per_sequence=act, rows=rows)
+    return dict(inputs=inputs, sequences_per_example=sequences_per_example, activation_bytes_per_sequence=act,
+                activation_bytes_per_example=act_example, rows=rows)
 
 
 def format_plan(p: dict, model_name: str) -> str:
-    inp, act = p["inputs"], p["activation_bytes_per_sequence"]
+    inp, act, seqs = p["inputs"], p["activation_bytes_per_sequence"], p["sequences_per_example"]
     parts = ("params", "grads", "optim")
     cols = lambda names: "".join(f"{n:>9}" for n in names)  # noqa: E731
     gib = lambda d, names: "".join(f"{d[n] / GIB:9.1f}" for n in names)  # noqa: E731
@@ -167,13 +225,16 @@ def format_plan(p: dict, model_name: str) -> str:
         "offload = optimizer" + (" and parameters" if inp["offload_params"] else "") +
         " in host memory (ZeRO-2 offloads the optimizer only); * = selected by --offload; model built "
         + ("under" if inp["zero_init"] else "without") + " zero.Init",
+        f"micro-batch = examples per GPU per forward pass, as the trainer's --micro_batch_size; an example is "
+        f"1 + K = {seqs} sequence(s) of {inp['seq_len']} tokens (--negatives {inp['negatives']})",
         "",
-        f"{'Per GPU (GiB)':<17}{cols(parts + ('gather', 'total'))} | max micro-batch: no ckpt  ckpt",
+        f"{'':<62}|{'max micro-batch: examples (seqs)':^34}",
+        f"{'Per GPU (GiB)':<17}{cols(parts + ('gather', 'total'))} |{'no ckpt':>17}{'ckpt':>17}",
     ]
     for r in p["rows"]:
-        mb = r["max_micro_batch"]
-        lines.append(f"{_label(r)}{gib(r['gpu_bytes'], parts + ('gather', 'total'))} | "
-                     f"{mb['full']:>24d}{mb['checkpointed']:>6d}"
+        mb, sq = r["max_micro_batch"], r["max_micro_batch_sequences"]
+        lines.append(f"{_label(r)}{gib(r['gpu_bytes'], parts + ('gather', 'total'))} |"
+                     + "".join(f"{f'{mb[m]} ({sq[m]})':>17}" for m in ("full", "checkpointed"))
                      + ("" if r["fits"] else "  (model states alone do not fit)"))
     lines += ["", f"{'Per node (GiB)':<17}{'--- on the GPUs ---':^45} |{'--- in host memory ---':^45}",
               f"{'':<17}{cols(parts + ('gather', 'total'))} |{cols(parts + ('load*', 'total'))}"]
@@ -185,7 +246,7 @@ def format_plan(p: dict, model_name: str) -> str:
               "(for ZeRO-2 offload DeepSpeed counts one fp32 copy per GPU of the whole job).",
               f"Activations per sequence: {act['full'] / GIB:.2f} GiB without checkpointing, "
               f"{act['checkpointed'] / GIB:.2f} GiB with full activation checkpointing "
-              "(Korthikanti et al. 2022, plus fp32 logits)."]
+              f"(Korthikanti et al. 2022, plus fp32 logits); per example {seqs} times that."]
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -194,32 +255,22 @@ def _label(row) -> str:
     return f"{mark} ZeRO-{row['stage']} {'offload' if row['offload'] == 'cpu' else 'on GPU':<8}"
 
 
+def parse_args(argv=None) -> MemoryOptions:
+    """defaults < --config file < command line; raises OptionError (one line) on a bad option."""
+    (options,), _ = parse_options((MemoryOptions,), argv, prog="python -m wpn_dist.memory", description=__doc__)
+    return options
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m wpn_dist.memory", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="MODEL_SPECS name or local Hugging Face model dir")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--offload", choices=["none", "cpu"], default="none")
-    ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    ap.add_argument("--reserve-gib", type=float, default=2.0,
-                    help="GPU memory kept for CUDA context, NCCL and fragmentation")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    # Only 16-bit: DeepSpeed's model-state estimators assume mixed precision; bf16 and fp16 cost the same.
-    ap.add_argument("--precision", choices=["bf16", "fp16"], default="bf16")
-    ap.add_argument("--no-zero-init", action="store_true",
-                    help="model built without deepspeed.zero.Init (wpn_dist's random init): "
-                         "each process holds the whole fp32 model while loading")
-    args = ap.parse_args(argv)
-    if min(args.nodes, args.gpus_per_node, args.seq_len) < 1:
-        ap.error("--nodes, --gpus-per-node and --seq-len must be at least 1")
     try:
+        args = parse_args(argv)
         sizes = describe_model(args.model)
-    except (ValueError, OSError) as e:  # OSError: unreadable config.json
+    except (ValueError, OSError) as e:  # OptionError is a ValueError; OSError: unreadable config.json
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = plan(**sizes, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len,
              gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, offload=args.offload,
-             zero_init=not args.no_zero_init, precision=args.precision)
+             zero_init=args.zero_init, precision=args.precision, negatives=args.negatives)
     print(format_plan(p, args.model))
     return 0
 

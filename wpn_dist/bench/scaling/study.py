@@ -22,14 +22,17 @@ What is counted (docs/benchmarks.md has the formulas and citations):
   that over the median step time. The frozen reference's forward tokens (ga, icu) are counted apart.
 - step time: between device synchronisations, slowest rank, after ``warmup_steps`` untimed steps.
 """
-import argparse
 import json
 import os
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import List, Optional
 
 from . import grid as grid_lib
+from ...app.options import OptionError, parse_options
 from ..launch import REPO, launch, launcher
 from .grid import GridError
 
@@ -303,39 +306,61 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (rows.jsonl, results.csv, plots, logs)")
-    parser.add_argument("--grid", action="append", default=[], help="a grid file (YAML or JSON); repeatable")
-    parser.add_argument("--preset", action="append", default=[], help=f"a named grid: {', '.join(grid_lib.PRESETS)}")
-    parser.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
-                        help="run only the points whose field has one of these values; repeatable")
-    parser.add_argument("--retry_failed", action="store_true", help="run points that failed before again")
-    parser.add_argument("--time_budget_s", type=float, default=None,
-                        help="end the sweep within this many seconds; points not done are left for the same "
-                             "command to run next time")
-    parser.add_argument("--list", action="store_true", help="print the points and their state; run nothing")
-    projection = parser.add_argument_group("projection to many nodes (wpn_dist/bench/scaling/project.py)")
-    projection.add_argument("--project", action="store_true", help="write DIR/projected.csv from the measured rows")
-    projection.add_argument("--nodes", default="1,2,4,8", help="node counts, comma-separated")
-    projection.add_argument("--gpus_per_node", type=int, default=8)
-    projection.add_argument("--link_gbps", type=float, default=200.0, help="per-GPU bandwidth between nodes, Gbit/s")
-    projection.add_argument("--intra_node_gbps", type=float, default=2400.0,
-                            help="per-GPU bandwidth within a node, Gbit/s")
-    projection.add_argument("--latency_us", type=float, default=5.0, help="latency per ring step, microseconds")
-    projection.add_argument("--overlap", action="store_true", help="communication overlapped with compute")
-    projection.add_argument("--global_batch", type=int, default=None,
-                            help="fixed global batch in examples (strong scaling); default: per-GPU batch kept")
-    projection.add_argument("--bucket_elems", type=float, default=5e7, help="DeepSpeed reduce bucket, elements")
-    args = parser.parse_args(argv)
-    try:
-        args.nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
-    except ValueError:
-        parser.error(f"--nodes {args.nodes}: expected comma-separated integers")
-    if not args.nodes or min(args.nodes) < 1 or args.gpus_per_node < 1 or args.link_gbps <= 0 \
-            or args.intra_node_gbps <= 0 or args.latency_us < 0:
-        parser.error("--nodes, --gpus_per_node, --link_gbps and --intra_node_gbps must be positive, --latency_us >= 0")
-    return args
+def _repeatable(help_text: str, **extra) -> field:
+    """A list option: repeatable, and one option may take several values (``--preset a b``)."""
+    return field(default_factory=list, metadata={"action": "extend", "help": help_text + "; repeatable.", **extra})
+
+
+@dataclass
+class StudyOptions:
+    """The options of ``python -m wpn_dist.scaling``: what to run."""
+    out: str = field(metadata={"help": "Output directory (rows.jsonl, results.csv, plots, logs)."})
+    grid: List[str] = _repeatable("A grid file (YAML or JSON)", metavar="FILE")
+    preset: List[str] = _repeatable(f"A named grid: {', '.join(grid_lib.PRESETS)}", metavar="NAME")
+    only: List[str] = _repeatable("Run only the points whose field has one of these values", metavar="FIELD=V1,V2")
+    retry_failed: bool = field(default=False, metadata={"help": "Run points that failed before again."})
+    time_budget_s: Optional[float] = field(default=None, metadata={
+        "help": "End the sweep within this many seconds; points not done are left for the same command to run "
+                "next time."})
+    list: bool = field(default=False, metadata={"help": "Print the points and their state; run nothing."})
+
+
+@dataclass
+class ProjectionOptions:
+    """``--project``: projection of the measured rows to many nodes."""
+    _argument_group_name = "projection to many nodes (wpn_dist/bench/scaling/project.py)"
+    project: bool = field(default=False, metadata={"help": "Write DIR/projected.csv from the measured rows."})
+    nodes: str = field(default="1,2,4,8", metadata={"help": "Node counts, comma-separated."})
+    gpus_per_node: int = field(default=8, metadata={"help": "GPUs per node."})
+    link_gbps: float = field(default=200.0, metadata={"help": "Per-GPU bandwidth between nodes, Gbit/s."})
+    intra_node_gbps: float = field(default=2400.0, metadata={"help": "Per-GPU bandwidth within a node, Gbit/s."})
+    latency_us: float = field(default=5.0, metadata={"help": "Latency per ring step, microseconds."})
+    overlap: bool = field(default=False, metadata={"help": "Communication overlapped with compute."})
+    global_batch: Optional[int] = field(default=None, metadata={
+        "help": "Fixed global batch in examples (strong scaling); default: the per-GPU batch kept."})
+    bucket_elems: float = field(default=5e7, metadata={"help": "DeepSpeed reduce bucket, elements."})
+
+    def __post_init__(self):
+        try:
+            counts = self.node_counts
+        except ValueError:
+            raise OptionError(f"--nodes {self.nodes}: expected comma-separated integers") from None
+        if not counts or min(counts) < 1 or self.gpus_per_node < 1 or self.link_gbps <= 0 \
+                or self.intra_node_gbps <= 0 or self.latency_us < 0:
+            raise OptionError("--nodes, --gpus_per_node, --link_gbps and --intra_node_gbps must be positive, "
+                              "--latency_us >= 0")
+
+    @property
+    def node_counts(self) -> List[int]:
+        return [int(n) for n in self.nodes.split(",") if n.strip()]
+
+
+def parse_args(argv=None) -> SimpleNamespace:
+    """defaults < --config file < command line, as one namespace (``nodes`` as a list of ints).
+    Raises OptionError (one line) on a bad option."""
+    (study, projection), _ = parse_options((StudyOptions, ProjectionOptions), argv, prog="python -m wpn_dist.scaling",
+                                           description=__doc__)
+    return SimpleNamespace(**{**asdict(study), **asdict(projection), "nodes": projection.node_counts})
 
 
 def load_points(args) -> list:
@@ -354,7 +379,11 @@ def _terminated(signum, frame):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except OptionError as e:
+        print(f"wpn_dist.scaling: error: {e}", file=sys.stderr)
+        sys.exit(2)
     signal.signal(signal.SIGTERM, _terminated)
     if on_cpu():  # say so to DeepSpeed here too (its import in this process would warn about guessing)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

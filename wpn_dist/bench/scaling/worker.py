@@ -13,7 +13,6 @@ prompt, then the response; K negatives per example sharing the example's prompt)
 Each step is timed between device synchronisations (torch.cuda.synchronize on GPU); the time of a
 step is the slowest rank's. Rank 0 writes the raw measurements as JSON to ``--result``.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -31,6 +30,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
                         category=FutureWarning)
 
 from wpn_dist.app import distributed  # noqa: E402
+from wpn_dist.app.options import OptionError, parse_options  # noqa: E402
 
 LR = 1e-5
 PAD_ID, BOS_ID, EOS_ID = 1, 2, 2
@@ -204,12 +204,19 @@ def measure(point: dict) -> dict:
     return result
 
 
+@dataclasses.dataclass
+class WorkerOptions:
+    point: str = dataclasses.field(metadata={"help": "JSON file of the point's full config."})
+    result: str = dataclasses.field(metadata={"help": "JSON file rank 0 writes the measurements to."})
+    local_rank: int = dataclasses.field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="One scaling-study point (started by wpn_dist.scaling).")
-    parser.add_argument("--point", required=True, help="JSON file of the point's full config")
-    parser.add_argument("--result", required=True, help="JSON file rank 0 writes the measurements to")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = parser.parse_args(argv)
+    try:
+        (args,), _ = parse_options((WorkerOptions,), argv, prog="wpn_dist/bench/scaling/worker.py",
+                                   description="One scaling-study point (started by wpn_dist.scaling).")
+    except OptionError as e:
+        distributed.fail(str(e))
     with open(args.point) as f:
         point = json.load(f)
     result = measure(point)

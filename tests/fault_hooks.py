@@ -1,0 +1,33 @@
+"""Fault injection for the crash-safety tests, installed into a run through the trainer's hooks:
+``WPN_DIST_HOOKS=fault_hooks:FaultHooks`` and ``WPN_DIST_FAULT=<name>:<step>`` (tests/ on PYTHONPATH)."""
+import os
+import signal
+
+
+
+from wpn_dist.app.distributed import rank, world_size
+from wpn_dist.app.hooks import Hooks
+
+
+class FaultHooks(Hooks):
+    def __init__(self):
+        name, _, step = os.environ.get("WPN_DIST_FAULT", "").partition(":")
+        self.name, self.step = name, int(step or -1)
+
+    def _now(self, name: str, step: int) -> bool:
+        return self.name == name and self.step == step
+
+    def loss(self, step, loss):
+        return loss * float("nan") if self._now("nan_at_step", step) else loss
+
+    def after_step(self, step):
+        if self._now("usr1_last_rank_at_step", step) and rank() == world_size() - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if self._now("exit_after_step", step):
+            os._exit(17)  # as a killed process would: no cleanup, no exception handlers
+
+    def during_save(self, step, phase):
+        if self._now("crash_in_save", step) and phase == "shards_written":
+            os._exit(17)
+
+
