@@ -1,9 +1,9 @@
 """Fault injection for the crash-safety tests, installed into a run through the trainer's hooks:
 ``WPN_DIST_HOOKS=fault_hooks:FaultHooks`` and ``WPN_DIST_FAULT=<name>:<step>`` (tests/ on PYTHONPATH)."""
+import json
 import os
 import signal
-
-
+import time
 
 from wpn_dist.app.distributed import rank, world_size
 from wpn_dist.app.hooks import Hooks
@@ -31,3 +31,21 @@ class FaultHooks(Hooks):
             os._exit(17)
 
 
+
+
+class RecordingHooks(Hooks):
+    """Records every micro-batch's total loss (``WPN_DIST_RECORD``: a JSONL path per rank, with
+    ``{rank}`` in it) and spends ``WPN_DIST_PAUSE_S`` seconds after every step, as an evaluation or a
+    checkpoint would, outside the step."""
+
+    def __init__(self):
+        self.path = os.environ["WPN_DIST_RECORD"].format(rank=rank())
+        self.pause = float(os.environ.get("WPN_DIST_PAUSE_S", "0"))
+
+    def loss(self, step, loss):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": float(loss)}) + "\n")
+        return loss
+
+    def after_step(self, step):
+        time.sleep(self.pause)

@@ -6,8 +6,9 @@ Precedence: field defaults < a ``--config`` file (YAML or JSON; ``--config F`` o
 of the wrong type and values a dataclass's ``__post_init__`` refuses. Every error is one
 ``OptionError`` line naming the option.
 
-Every option ``--a_b`` is also accepted as ``--a-b`` (HfArgumentParser adds that alias since
-transformers 4.46), and a config file's keys may be written either way. A file's value for a list
+Every option ``--a_b`` is also accepted as ``--a-b`` (HfArgumentParser adds that alias, from
+transformers PR #33990, Oct. 2024; every version setup.py allows has it), and a config file's keys
+may be written either way. A file's value for a list
 field (``List[str]``) is a YAML list; a list given for any other field is joined with commas (the
 comma-separated options). An option given on the command line replaces the file's value, lists too.
 """
