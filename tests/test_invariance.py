@@ -11,6 +11,10 @@ import torch
 
 from conftest import run_deepspeed
 from test_parity import assert_same
+from wpn_dist.core.methods import method_names
+
+# Every registered method (a new one is checked without touching this file), and WPN's variants.
+ALL = list(method_names()) + ["wpn-local-negatives"]
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +27,12 @@ def layouts(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["wpn", "wpn-local-negatives", "ga", "icu", "lm"])
+@pytest.mark.parametrize("method", ALL)
 def test_two_ranks_equal_one(method, layouts):
     assert_same({method: layouts["2x2"][method]}, {method: layouts["1x4"][method]})
 
 
-@pytest.mark.parametrize("method", ["wpn-local-negatives", "ga", "icu", "lm"])
+@pytest.mark.parametrize("method", [m for m in ALL if m != "wpn"])
 def test_accumulation_equals_one_batch(method, layouts):
     assert_same({method: layouts["1x2acc2"][method]}, {method: layouts["1x4"][method]})
 

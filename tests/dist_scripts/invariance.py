@@ -10,17 +10,18 @@ from deepspeed.utils import safe_get_full_grad
 from wpn_dist.app import distributed, engine, models
 from wpn_dist.app.config import TrainArguments
 from wpn_dist.app.data import BatchMaker, encode_examples, read_jsonl
-from wpn_dist.core.methods import build_method, method_class
+from wpn_dist.core.methods import build_method, method_class, method_names
 
 NORMAL = [{"prompt": "what color is the sky", "response": "the sky is blue."},
           {"prompt": "name a fruit", "response": "an apple."},
           {"prompt": "count to three", "response": "one two three."}]
 PLANS = {"1x4": [[[0, 1, 2, 3]]], "2x2": [[[0, 1], [2, 3]]], "1x2acc2": [[[0, 1]], [[2, 3]]]}
 WPN = method_class("wpn").Options
-METHODS = {"wpn": build_method("wpn", WPN(positive_lm_weight=1.0, retain_weight=1.0, temperature=0.5)),
-           "wpn-local-negatives": build_method("wpn", WPN(global_negatives=False, positive_lm_weight=0.5,
-                                                          retain_weight=1.0, retain_loss="kl")),
-           "ga": build_method("ga"), "icu": build_method("icu"), "lm": build_method("lm")}
+# Every registered method with its defaults, WPN with its auxiliary terms on, and WPN with local negatives.
+METHODS = {name: build_method(name) for name in method_names()}
+METHODS["wpn"] = build_method("wpn", WPN(positive_lm_weight=1.0, retain_weight=1.0, temperature=0.5))
+METHODS["wpn-local-negatives"] = build_method("wpn", WPN(global_negatives=False, positive_lm_weight=0.5,
+                                                         retain_weight=1.0, retain_loss="kl"))
 
 layout, out_path = sys.argv[-2:]
 plan = PLANS[layout]

@@ -58,6 +58,8 @@ class ICU(Method):
         self.remaining = len(remembered)
         run.log(f"wpn_dist: ICU refinement before epoch {run.epoch}: {len(remembered)} of {len(examples)} "
                 f"forget samples remain")
+        if not remembered:
+            run.log("wpn_dist: ICU: every forget sample counts as unlearned; training stops")
         run.set_epoch_subset(remembered)
 
     def log_values(self) -> dict:
