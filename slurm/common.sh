@@ -146,6 +146,17 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}  # its name before torch 2.2
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=1
+# The time a rank has to save after a stop signal (wpn_dist/app/trainer.py, StopSignal.seconds_left): this
+# script's --signal=USR1@T margin, and Slurm's KillWait between SIGTERM and SIGKILL. A save that cannot
+# finish in it is not started: the job requeues from the last periodic checkpoint instead.
+if [[ -z ${WPN_DIST_SIGNAL_MARGIN_S:-} ]]; then
+    signal_option=$(wpn_sbatch_option "$WPN_TEMPLATE" signal)
+    [[ $signal_option =~ @([0-9]+)$ ]] && WPN_DIST_SIGNAL_MARGIN_S=${BASH_REMATCH[1]}
+fi
+if [[ -z ${WPN_DIST_KILL_WAIT_S:-} && $DRY_RUN != 1 ]] && command -v scontrol >/dev/null; then
+    WPN_DIST_KILL_WAIT_S=$(scontrol show config 2>/dev/null | awk '$1 == "KillWait" {print $3}')
+fi
+export WPN_DIST_SIGNAL_MARGIN_S=${WPN_DIST_SIGNAL_MARGIN_S:-} WPN_DIST_KILL_WAIT_S=${WPN_DIST_KILL_WAIT_S:-30}
 
 # --- the trainer's command line ------------------------------------------------------------------------
 : "${MODEL:?the template must set MODEL}"
@@ -198,6 +209,7 @@ if [[ $DRY_RUN == 1 ]]; then
     echo "# batch script (on ${HOST_ARRAY[0]}), in $WPN_DIST_ROOT:"
     echo "srun: $(quoted "${SRUN[@]}" "${TRAIN[@]}")"
     echo "# each task: wpn_dist.app.distributed.init() sets RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID WORLD_SIZE=SLURM_NTASKS"
+    echo "# stop deadlines: WPN_DIST_SIGNAL_MARGIN_S=$WPN_DIST_SIGNAL_MARGIN_S WPN_DIST_KILL_WAIT_S=$WPN_DIST_KILL_WAIT_S"
     rank=0 node=0
     while read -r count; do
         for ((local = 0; local < count; local++)); do

@@ -1,5 +1,6 @@
 """Fault injection for the crash-safety tests, installed into a run through the trainer's hooks:
 ``WPN_DIST_HOOKS=fault_hooks:FaultHooks`` and ``WPN_DIST_FAULT=<name>:<step>`` (tests/ on PYTHONPATH)."""
+import errno
 import json
 import os
 import signal
@@ -29,6 +30,15 @@ class FaultHooks(Hooks):
     def during_save(self, step, phase):
         if self._now("crash_in_save", step) and phase == "shards_written":
             os._exit(17)
+        # SIGKILL of one rank in a phase of the save: rank 1 while the shards are written (every rank's
+        # files are there, no manifest), rank 0 after the manifest or after the rename (only rank 0
+        # reaches those phases).
+        if self._now(f"kill_at_{phase}", step) and rank() == (1 if phase == "shards_written" else 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._now("enospc_in_save", step) and phase == "shards_written" and rank() == 1:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if self._now("sigterm_in_save", step) and phase == "shards_written":
+            os.kill(os.getpid(), signal.SIGTERM)  # every rank, as Slurm signals every task
 
 
 

@@ -54,7 +54,8 @@ def test_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     assert result.returncode != 0
     root = checkpoint.checkpoint_root(str(run))
     assert open(os.path.join(root, "latest")).read() == "step00000003"
-    assert "no manifest" in checkpoint.problem_with(os.path.join(root, "step00000006"))
+    assert not os.path.exists(os.path.join(root, "step00000006"))  # the save died in its .partial directory
+    assert "no manifest" in checkpoint.problem_with(os.path.join(root, "step00000006.partial"))
     assert checkpoint.newest_complete(str(run), log=lambda m: None).endswith("step00000003")
 
 

@@ -326,3 +326,25 @@ def test_two_nodes_of_two_ranks_match_one_node_of_four(tmp_path):
     want, got = losses(reference), losses(run)
     assert sorted(got) == sorted(want) == list(range(1, 9))
     assert_same_losses(got, want, range(1, 9))
+
+
+# --- what survives a preemption: each template's --signal margin against its checkpoint size ---------------
+
+WRITE_BYTES_PER_S_PER_NODE = 1 << 30  # the file-system speed slurm/README.md assumes (1 GiB/s per node)
+
+
+@pytest.mark.parametrize("name", MODEL_TEMPLATES)
+def test_signal_margin_follows_from_the_models_checkpoint_size(name, tmp_path):
+    """A USR1@T margin leaves a step plus a checkpoint save (twice the estimate, plus a minute), and the
+    template hands T to the ranks so that they know their deadline."""
+    from wpn_dist.app.checkpoint import estimated_bytes
+    from wpn_dist.app.models import MODEL_SPECS, count_parameters
+    text = open(os.path.join(SLURM_DIR, f"{name}.sh")).read()
+    margin = int(re.search(r"^#SBATCH --signal=USR1@(\d+)", text, re.M).group(1))
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
+    model = re.search(r'^: "\$\{MODEL:=(\S+)\}"', text, re.M).group(1)
+    precision = re.search(r'^: "\$\{PRECISION:=(\S+)\}"', text, re.M).group(1)
+    save_s = estimated_bytes(count_parameters(MODEL_SPECS[model]), precision) / (WRITE_BYTES_PER_S_PER_NODE * nodes)
+    assert margin >= 2 * save_s + 60, (name, margin, save_s)
+    result = dry_run(name, cwd=str(tmp_path), WPN_DIST_HOSTS=" ".join(f"h{i}" for i in range(nodes)))
+    assert f"WPN_DIST_SIGNAL_MARGIN_S={margin} WPN_DIST_KILL_WAIT_S=30" in result.stdout

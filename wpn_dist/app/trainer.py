@@ -32,6 +32,7 @@ from .data import BatchMaker, DataCursor, detect_format, encode_examples, exampl
 from .evaluation import evaluate_model, evaluation_inputs, format_table  # noqa: E402
 from .generation import generate  # noqa: E402
 from .hooks import Hooks, load_hooks  # noqa: E402
+from .preflight import Preflight, check_run, release_lock, take_lock  # noqa: E402
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
@@ -63,6 +64,7 @@ class RunInputs:
     batches: BatchMaker
     evaluation: tuple | None  # (splits, judge, normal rows) when the run evaluates
     notes: str             # what was read, for the log
+    preflight: Preflight   # DeepSpeed config, resume target, checkpoint size (app/preflight.py)
 
 
 def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
@@ -102,12 +104,7 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
     if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts):
         evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, user_normal_rows, cfg.eval.judge,
                                        cfg.eval.judge_harmless_labels)
-    out = cfg.train.output_dir
-    if out is not None and os.path.isdir(out) and os.listdir(out) and not cfg.train.overwrite_output_dir \
-            and cfg.train.resume == "never":
-        raise ConfigError(f"--output_dir {out} already holds a run; continue it with --resume auto, "
-                          f"choose another directory, or pass --overwrite_output_dir")
-    return RunInputs(world, tokenizer, examples, encoded, batches, evaluation, notes)
+    return RunInputs(world, tokenizer, examples, encoded, batches, evaluation, notes, check_run(cfg))
 
 
 class StopSignal:
@@ -115,12 +112,24 @@ class StopSignal:
     checkpoint at the next step boundary and exit with STOPPED_EXIT_CODE, for the job to requeue."""
 
     def __init__(self):
-        self.received = False
+        self.received, self.received_at, self.terminate = False, None, False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = True
+        if not self.received:
+            self.received, self.received_at = True, time.time()
+        self.terminate = self.terminate or signum == signal.SIGTERM
+
+    def seconds_left(self) -> float | None:
+        """Seconds this process has left after the signal (collective), or None when it need not hurry.
+        After SIGTERM, Slurm sends SIGKILL KillWait seconds later (``WPN_DIST_KILL_WAIT_S``, default
+        30); after SIGUSR1 the job has the margin of ``--signal=USR1@T`` (``WPN_DIST_SIGNAL_MARGIN_S``,
+        set by the templates; unset: no deadline)."""
+        elapsed = distributed.all_reduce_max_float(time.time() - self.received_at if self.received else 0.0)
+        terminate = bool(distributed.all_reduce_max(int(self.terminate)))
+        grace = os.environ.get("WPN_DIST_KILL_WAIT_S", "30") if terminate else os.environ.get("WPN_DIST_SIGNAL_MARGIN_S")
+        return None if grace in (None, "") else float(grace) - elapsed
 
 
 def rng_states() -> dict:
@@ -144,44 +153,57 @@ class Trainer:
     def __init__(self, cfg: RunConfig, method, inputs: RunInputs, stop_signal: StopSignal, hooks: Hooks):
         self.cfg, self.method, self.inputs, self.stop_signal, self.hooks = cfg, method, inputs, stop_signal, hooks
         self.tokenizer = inputs.tokenizer
-        # 1. Process group, run directory, resolved config.
+        # 1. Process group; the run directory's lock; an old run moved aside (--overwrite_output_dir);
+        #    the resolved config. Every check that needs no process group has passed (preflight).
         distributed.init()
         if cfg.train.output_dir is None:  # runs/<method>-<model>-<time>, rank 0's clock (collective)
             stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
             cfg.train.output_dir = os.path.join(
                 "runs", f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
         self.run_dir = cfg.train.output_dir
-        if distributed.is_main():
-            if cfg.train.overwrite_output_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
-        distributed.barrier()
+        resume_from = inputs.preflight.resume_from
+        self.moved_aside = self._claim_run_dir(fresh=resume_from is None)
         distributed.print0(f"wpn_dist: run directory {self.run_dir}; world size {distributed.world_size()}; "
                            f"{inputs.notes}")
         # 2. Model and engine (the toy world's base model is implanted once, on rank 0, and cached).
         self.engine, self.reference = self._build_engines()
+        if self.moved_aside and distributed.is_main():  # the new run has started: the old one can go
+            shutil.rmtree(self.moved_aside, ignore_errors=True)
         # 3. Where the loop stands: step, data cursor, evaluation results.
         self.step = self.first_step = 1
         self.cursor = DataCursor(range(len(inputs.encoded)), cfg.train.micro_batch_size, distributed.world_size(),
                                  cfg.train.gradient_accumulation_steps, cfg.train.seed)
-        self.results, self.last_saved = {}, None
-        # 4. Resume from a checkpoint, if asked and there is one.
-        from . import checkpoint
-        resume_from = None
-        if cfg.train.resume == "auto":
-            resume_from = checkpoint.newest_complete(self.run_dir, log=distributed.print0)
-        elif cfg.train.resume != "never":
-            problem = checkpoint.problem_with(cfg.train.resume)
-            if problem:
-                distributed.fail(f"--resume {cfg.train.resume}: {problem}")
-            resume_from = cfg.train.resume
+        self.results, self.last_saved, self.last_save_seconds = {}, None, None
+        # 4. Resume from the checkpoint preflight found complete and of this world size, if any.
         if resume_from is not None:
+            from . import checkpoint
             self.load_state_dict(checkpoint.load(self.engine, resume_from))
             self.last_saved = resume_from
             distributed.print0(f"wpn_dist: resumed from {resume_from} at step {self.first_step - 1}")
         self.resumed = resume_from is not None
+
+    def _claim_run_dir(self, fresh: bool) -> str | None:
+        """Rank 0 takes the run directory's lock, moves an old run aside when asked to overwrite it
+        (it is removed once the new run has started), and writes config.json for a fresh run (a resumed
+        run keeps the config it started with). Collective. Returns the moved-aside path, or None."""
+        problem, aside = None, None
+        if distributed.is_main():
+            from .preflight import describe, lock_holder
+            holder = lock_holder(self.run_dir)
+            if holder is not None:
+                problem = f"--output_dir {self.run_dir} is in use by another run ({describe(holder)})"
+            elif self.cfg.train.overwrite_output_dir and os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
+                aside = f"{self.run_dir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(self.run_dir, aside)
+                print(f"wpn_dist: the old run in {self.run_dir} is moved to {aside} until this one starts", flush=True)
+            problem = problem or take_lock(self.run_dir)
+            if problem is None and fresh:
+                with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                    json.dump(self.cfg.to_dict(), f, indent=2)
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            distributed.fail(problem)
+        return aside
 
     def _build_engines(self) -> tuple:
         """The DeepSpeed engine of the model being unlearned and, if the method needs it, the frozen
@@ -197,7 +219,7 @@ class Trainer:
                 distributed.print0(f"wpn_dist: implanting the toy model (once; cached in {model_name})")
                 toy_world.implant(self.inputs.world, implant_cfg, model_name, log=distributed.print0)
             distributed.barrier()
-        ds_config = engine_lib.build_ds_config(cfg.train, cfg.train.lr, distributed.world_size())
+        ds_config = self.inputs.preflight.ds_config  # built and checked before anything started
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self._hf_ds_config = None
         if engine_lib.zero_stage(ds_config) == 3 and cfg.model.model_init == "pretrained":
@@ -290,8 +312,22 @@ class Trainer:
 
     def save(self, step: int) -> None:
         from . import checkpoint
+        started = time.time()
         self.last_saved = checkpoint.save(self.engine, self.run_dir, step, self.state_dict(),
                                           keep=self.cfg.train.keep_checkpoints, hooks=self.hooks)
+        self.last_save_seconds = distributed.all_reduce_max_float(time.time() - started)
+
+    def save_fits_before_kill(self) -> tuple:
+        """After a stop signal: whether a checkpoint can be written before the process is killed, the
+        estimated save time (the last save's, else the checkpoint's size over the disk's measured write
+        speed) and the seconds left (collective)."""
+        left = self.stop_signal.seconds_left()
+        estimate = self.last_save_seconds
+        if estimate is None:
+            from .checkpoint import measure_write_speed
+            speed = measure_write_speed(self.run_dir) if distributed.is_main() else 0.0
+            estimate = self.inputs.preflight.checkpoint_bytes / max(distributed.broadcast_object(speed), 1.0)
+        return left is None or estimate < 0.8 * left, estimate, left
 
     def fit(self) -> dict:
         """Evaluate before (a fresh run), train to --steps with logging, evaluation and checkpoints,
@@ -343,19 +379,32 @@ class Trainer:
             self.hooks.after_step(step)
             # Collective, every step: a stop signal on any rank stops all ranks at this step boundary.
             stop_requested = bool(distributed.all_reduce_max(int(self.stop_signal.received)))
-            if stop_requested or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                self.save(step)
             if stop_requested and step < cfg.train.steps:
-                logger.close()
-                distributed.print0(f"wpn_dist: stop signal: checkpoint {self.last_saved} saved at step {step}; "
-                                   f"exiting with status {STOPPED_EXIT_CODE} (continue with --resume auto)")
-                distributed.shutdown()  # so that the exit status stays 99 (see shutdown and exit_now)
-                distributed.exit_now(STOPPED_EXIT_CODE)
+                fits, estimate, left = self.save_fits_before_kill()
+                if fits:
+                    self.save(step)
+                    said = f"checkpoint {self.last_saved} saved at step {step}"
+                else:  # a save cut off by SIGKILL would leave nothing newer, and cost the time it took
+                    said = (f"a checkpoint would take about {estimate:.0f}s and {left:.0f}s are left: not saving; "
+                            f"the run continues from {self.last_saved or 'the start (no checkpoint yet)'}")
+                self.stop(logger, said)
+            if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                self.save(step)
         if self.first_step <= last_step < cfg.train.steps:  # stopped early (ICU): save where it stopped
             self.step = last_step
             self.save(last_step)
         logger.close()
         return self.finish(last_step, time.time() - started, total_tokens, last_loss)
+
+    def stop(self, logger, said: str) -> None:
+        """Leave after a stop signal with STOPPED_EXIT_CODE, for the job to requeue and resume."""
+        logger.close()
+        distributed.print0(f"wpn_dist: stop signal: {said}; exiting with status {STOPPED_EXIT_CODE} "
+                           f"(continue with --resume auto)")
+        if distributed.is_main():
+            release_lock(self.run_dir)
+        distributed.shutdown()  # so that the exit status stays 99 (see shutdown and exit_now)
+        distributed.exit_now(STOPPED_EXIT_CODE)
 
     def finish(self, last_step: int, wall_seconds: float, total_tokens: int, last_loss: float) -> dict:
         cfg = self.cfg
@@ -375,6 +424,7 @@ class Trainer:
                 print(format_table(self.results), flush=True)
             print(f"wpn_dist: done in {wall_seconds:.0f}s; summary in {os.path.join(self.run_dir, 'summary.json')}",
                   flush=True)
+            release_lock(self.run_dir)
         return summary
 
 
