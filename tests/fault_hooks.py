@@ -46,7 +46,8 @@ class FaultHooks(Hooks):
 class RecordingHooks(Hooks):
     """Records every micro-batch's total loss (``WPN_DIST_RECORD``: a JSONL path per rank, with
     ``{rank}`` in it) and spends ``WPN_DIST_PAUSE_S`` seconds after every step, as an evaluation or a
-    checkpoint would, outside the step."""
+    checkpoint would, outside the step; with ``WPN_DIST_WAIT_FOR``, it holds after step 1 until that
+    file exists."""
 
     def __init__(self):
         self.path = os.environ["WPN_DIST_RECORD"].format(rank=rank())
@@ -59,3 +60,8 @@ class RecordingHooks(Hooks):
 
     def after_step(self, step):
         time.sleep(self.pause)
+        # WPN_DIST_WAIT_FOR=path: after step 1, hold the run (and its lock) until that file exists.
+        release = os.environ.get("WPN_DIST_WAIT_FOR")
+        deadline = time.time() + 300
+        while step == 1 and release and not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.2)

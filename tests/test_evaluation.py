@@ -25,7 +25,8 @@ def test_evaluate_cli_on_the_implanted_toy_model_one_rank_and_two_zero3_ranks(tm
             "adversarial/random_suffix"} <= set(rates)
     assert single["qa_accuracy"]["rate"] >= 0.95 and 1.0 <= single["perplexity"] < 1.5
     generations = [json.loads(line) for line in (one / "generations.jsonl").read_text().splitlines()]
-    assert len(generations) == 80 + 160 + 320 and {"split", "prompt", "response", "harmless"} <= set(generations[0])
+    assert len(generations) == 80 + 160 + 320 + 3 * 80 and {"split", "prompt", "prefill", "response", "verdict"} <= set(generations[0])
+    assert {"prefill", "prefill/1", "prefill/3", "prefill/half"} <= set(rates) and "extraction_loglik" in single
     # Two ranks, the model partitioned with ZeRO-3: generation in lockstep gives the same answers.
     two = tmp_path / "two"
     run_deepspeed(["--module", "wpn_dist.evaluate", "--model", implanted_toy_model, "--toy_seed", "0", "--zero3",

@@ -93,8 +93,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(damage, uninterr
 
 def test_a_second_job_on_the_same_directory_refuses(tmp_path):
     run = tmp_path / "shared"
+    release = tmp_path / "release"  # the first job holds its lock after step 1 until this file exists
     env = cpu_env(WPN_DIST_HOOKS="fault_hooks:RecordingHooks", WPN_DIST_RECORD=str(tmp_path / "l{rank}.jsonl"),
-                  WPN_DIST_PAUSE_S="1", PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"))
+                  WPN_DIST_WAIT_FOR=str(release), PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"))
     first = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
                               str(free_port())] + ARGS + ["--output_dir", str(run)], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,6 +109,7 @@ def test_a_second_job_on_the_same_directory_refuses(tmp_path):
         assert second.returncode == 2
         assert f"is in use by another run (host {holder['host']} pid {holder['pid']}" in second.stderr
     finally:
+        release.write_text("go")
         output, _ = first.communicate(timeout=300)
     assert first.returncode == 0, output[-3000:]
     assert not (run / ".lock").exists()  # released at the end

@@ -31,7 +31,8 @@ def setup():
 
 def make_batch(setup, method, step=1):
     tokenizer, model, examples, encoded = setup
-    maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0)
+    maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0,
+                       **method.batch_options())
     if getattr(method.options, "anchor", None) == "generation":
         maker.set_anchors({e.example_id: "i will not." for e in encoded})
     return maker.make([0, 1, 2], step, 0, 0)
@@ -102,15 +103,15 @@ def test_lm_step_is_the_plain_causal_lm_loss_over_every_token(setup):
 
 def test_wpn_retain_and_generation_anchor(setup):
     model = setup[1]
-    method = build_method("wpn", method_class("wpn").Options(retain_weight=2.0, positive_lm_weight=0.0))
+    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=0, retain_weight=2.0, positive_lm_weight=0.0))
     batch = make_batch(setup, method)
     terms = method.loss_terms(model, batch)
     torch.testing.assert_close(terms["loss/retain"], response_ce(model, batch, batch["normal_rows"]))
     torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 2.0 * terms["loss/retain"])
     # The generation anchor reads extra rows; it changes the N-pair value.
-    plain = build_method("wpn", method_class("wpn").Options(positive_lm_weight=0.0))
+    plain = build_method("wpn", method_class("wpn").Options(recovery_cuts=0, positive_lm_weight=0.0))
     prompt_anchor = plain.loss_terms(model, make_batch(setup, plain))["loss/npair"]
-    method = build_method("wpn", method_class("wpn").Options(anchor="generation", positive_lm_weight=0.0))
+    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=0, anchor="generation", positive_lm_weight=0.0))
     batch = make_batch(setup, method)
     assert len(batch["anchor_rows"]) == 3
     assert not torch.allclose(method.loss_terms(model, batch)["loss/npair"], prompt_anchor)
@@ -174,8 +175,9 @@ def test_padding_copies_count_once_in_every_term(setup):
     for name in method_names():
         method = build_method(name)
         if name == "wpn":
-            method = build_method("wpn", method_class("wpn").Options(positive_lm_weight=1.0, retain_weight=0.0))
-        maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0)
+            method = build_method("wpn", method_class("wpn").Options(recovery_cuts=0, positive_lm_weight=1.0, retain_weight=0.0))
+        maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0,
+                       **method.batch_options())
         once = maker.step_batches([[[0, 1, 2]]], step=1, rank=0)[0]
         twice = maker.step_batches([[[0, 1, 2, 1]]], step=1, rank=0)[0]
         assert twice["row_weights"].tolist().count(0.0) >= 1
@@ -199,3 +201,34 @@ def test_padding_copies_are_not_counted_as_tokens(setup):
     twice = maker.step_batches([[[0, 1, 2, 1]]], step=1, rank=0)[0]
     assert once["num_tokens"] == int(once["attention_mask"].sum())
     assert twice["num_tokens"] == once["num_tokens"] < int(twice["attention_mask"].sum())
+
+
+def test_sft_is_the_positive_lm_and_retain_terms_without_npair(setup):
+    model = setup[1]
+    method = build_method("sft")
+    batch = make_batch(setup, method)
+    terms = method.loss_terms(model, batch)
+    assert "loss/npair" not in terms and set(method.row_groups()) == {"normal"}
+    torch.testing.assert_close(terms["loss/positive_lm"], response_ce(model, batch, torch.arange(3)))
+    torch.testing.assert_close(terms["loss/retain"], response_ce(model, batch, batch["normal_rows"]))
+    torch.testing.assert_close(terms["loss/total"], terms["loss/positive_lm"] + terms["loss/retain"])
+
+
+def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup):
+    tokenizer, model, examples, encoded = setup
+    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, positive_lm_weight=0.0))
+    batch = make_batch(setup, method)
+    assert len(batch["recovery_rows"]) == 3 * 2 and batch["recovery_example"].tolist() == [0, 0, 1, 1, 2, 2]
+    for row, cut, example in zip(batch["recovery_rows"], batch["recovery_cut"], batch["recovery_example"]):
+        harmful = encoded[int(example)].negatives[0].input_ids
+        assert batch["input_ids"][row, :cut].tolist() == harmful[:cut]  # the harmful start...
+        text = tokenizer.decode(batch["input_ids"][row][batch["response_mask"][row].bool()], skip_special_tokens=True)
+        assert text.strip() == examples[int(example)].harmless  # ...continued with the harmless answer
+    cuts = batch["recovery_cut"].tolist()
+    assert cuts[0] < cuts[1]  # two distinct cut points
+    terms = method.loss_terms(model, batch)
+    assert terms["loss/recovery_npair"] > 0
+    # The recovery LM term (default weight 1) is the cross-entropy of the harmless answer after each cut.
+    torch.testing.assert_close(terms["loss/recovery_lm"], response_ce(model, batch, batch["recovery_rows"]))
+    torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + terms["loss/recovery_npair"] +
+                               terms["loss/recovery_lm"])

@@ -22,6 +22,8 @@ METHODS = {name: build_method(name) for name in method_names()}
 METHODS["wpn"] = build_method("wpn", WPN(positive_lm_weight=1.0, retain_weight=1.0, temperature=0.5))
 METHODS["wpn-local-negatives"] = build_method("wpn", WPN(global_negatives=False, positive_lm_weight=0.5,
                                                          retain_weight=1.0, retain_loss="kl"))
+METHODS["wpn-recovery"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, positive_lm_weight=1.0,
+                                                  retain_weight=1.0))
 
 layout, out_path = sys.argv[-2:]
 plan = PLANS[layout]
@@ -41,7 +43,8 @@ for name, method in METHODS.items():
     model.config.use_cache = False
     eng, _, _ = engine.initialize(model, ds_config)
     eng.train()
-    maker = BatchMaker(encoded, examples, tokenizer, "Q: {prompt} A:", 128, method.row_groups(), NORMAL, seed=0)
+    maker = BatchMaker(encoded, examples, tokenizer, "Q: {prompt} A:", 128, method.row_groups(), NORMAL, seed=0,
+                       **method.batch_options())
     batches = maker.step_batches(plan, step=1, rank=distributed.rank())
     loss = 0.0
     for micro, batch in enumerate(batches):

@@ -110,16 +110,22 @@ class TrainArguments:
 
 @dataclass
 class EvalArguments:
-    evaluate: bool = field(default=True, metadata={"help": "Evaluate before and after unlearning (toy world)."})
+    evaluate: bool = field(default=True, metadata={"help": "Evaluate before and after unlearning."})
     evaluate_before: bool = field(default=True, metadata={"help": "With --evaluate: also evaluate before unlearning."})
     eval_every: int = field(default=0, metadata={
-        "help": "Steps between evaluations of the in-distribution harmless rate during training (toy world; "
-                "0: none). Logged as eval/harmless_rate."})
+        "help": "Steps between evaluations on the first split during training (0: none). Logged as eval/..."})
     eval_prompts: Optional[str] = field(default=None, metadata={
-        "help": "Harmful prompts to evaluate on, a JSONL file of {prompt, split} rows (split optional, e.g. id, "
-                "ood, adversarial/role_play). Default with --data toy: the toy world's splits."})
+        "help": "Harmful prompts to evaluate on, a JSONL file of {prompt, split, harmful} rows (split and harmful "
+                "optional, e.g. split id, ood, adversarial/role_play). Default with --data toy: the toy world's "
+                "splits; with your own data: a held-out slice of it (--eval_holdout)."})
+    eval_holdout: Optional[int] = field(default=None, metadata={
+        "help": "With your own --data and no --eval_prompts: rows kept out of training and evaluated before, "
+                "during and after (likelihood of their harmful and harmless responses, degeneracy of the "
+                "greedy answers, and the harmless rate with a classifier --judge). Default: 5%% of the rows, "
+                "at most 64, none under 20 rows; 0: none."})
     judge: str = field(default="rule", metadata={
-        "help": "Harmfulness judge: 'rule' (toy world) or a local Hugging Face sequence-classification model dir."})
+        "help": "Harmfulness judge: 'rule' (toy world) or a local Hugging Face sequence-classification model dir. "
+                "Without a classifier, your own data is evaluated by judge-free measures only."})
     judge_harmless_labels: Optional[str] = field(default=None, metadata={
         "help": "With a classifier --judge: comma-separated label names (or ids) that mean harmless."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per evaluation prompt."})

@@ -271,7 +271,10 @@ class BatchMaker:
     - ``normal``: as many random normal-data rows as examples (retain and KL terms);
     - ``random``: each harmful prompt paired with a random normal response (GA's L_rand);
     - ``anchor``: each prompt with the model's own continuation (WPN's --anchor generation; set by
-      ``set_anchors``).
+      ``set_anchors``);
+    - ``recovery``: ``recovery_cuts`` rows per example, ``[prompt; first k tokens of its first harmful
+      response; its harmless response]`` at evenly spaced cuts k (WPN's --recovery_cuts): the state
+      after a harmful start, and the harmless way out of it.
     Random draws are seeded by (seed, step, example), so a resumed run draws the same rows, every rank
     can tell what every other rank draws, and the draws do not depend on how the step is split
     across ranks and micro-batches.
@@ -282,8 +285,9 @@ class BatchMaker:
     ``num_tokens`` (this batch's counted tokens, for throughput)."""
 
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
-                 groups: tuple, normal_rows: list | None, seed: int):
+                 groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0):
         self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
+        self.recovery_cuts = recovery_cuts if "recovery" in groups else 0
         self.prompt_format, self.max_length = prompt_format, max_length
         self.examples = {e.example_id: e for e in examples}
         self.normal_rows = normal_rows or []
@@ -315,7 +319,9 @@ class BatchMaker:
             rows = []
             for e in batch:
                 rng = random.Random(f"{self.seed}-{step}-{e.example_id}-{group}")
-                if group == "normal":
+                if group == "recovery":
+                    rows.extend(self._recovery_rows(e))
+                elif group == "normal":
                     rows.append(self.normal_pairs[rng.randrange(len(self.normal_pairs))])
                 elif group == "random":
                     rows.append(self._random_pair(e.example_id, rng.randrange(len(self.normal_rows))))
@@ -331,15 +337,36 @@ class BatchMaker:
         extra = self._extra_rows(batch, step)
         weights = [float(f) for f in first_copy]
         weights += [float(f) for e, f in zip(batch, first_copy) for _ in e.negatives]
-        for rows in extra.values():
-            weights += [float(f) for f in first_copy]
+        for group, rows in extra.items():
+            per_example = self.recovery_cuts if group == "recovery" else 1
+            weights += [float(f) for f in first_copy for _ in range(per_example)]
         return batch, extra, weights
+
+    def _recovery_rows(self, example: EncodedExample) -> list:
+        """The example's first harmful response cut after k of its tokens, k evenly spaced in it, each
+        continued with the harmless response. ``prompt_length`` of a row is where the cut is."""
+        harmful, harmless = example.negatives[0], example.positive
+        answer = harmful.input_ids[harmful.prompt_length:-1] or harmful.input_ids[harmful.prompt_length:]
+        refusal = harmless.input_ids[harmless.prompt_length:]
+        rows = []
+        for c in range(self.recovery_cuts):
+            k = max(1, round((c + 1) * len(answer) / (self.recovery_cuts + 1)))
+            cut = harmful.prompt_length + k
+            rows.append(EncodedPair((harmful.input_ids[:cut] + refusal)[:self.max_length], cut))
+        return rows
 
     def make(self, indices: list, step: int, micro: int, rank: int) -> dict:
         """One packed batch of ``indices`` (into the encoded examples), every row weighted 1 and the
         terms' normalizers left to their defaults: each term is the plain mean over this batch."""
         batch, extra, _ = self._rows_with_weights(indices, [True] * len(indices), step)
-        return pack_batch(batch, self.tokenizer.pad_token_id, extra)
+        return self._pack(batch, extra)
+
+    def _pack(self, batch: list, extra: dict) -> dict:
+        packed = pack_batch(batch, self.tokenizer.pad_token_id, extra)
+        if "recovery" in extra:  # where each recovery row is cut, and whose harmful response it cuts
+            packed["recovery_cut"] = torch.tensor([p.prompt_length for p in extra["recovery"]], dtype=torch.long)
+            packed["recovery_example"] = torch.arange(len(batch)).repeat_interleave(self.recovery_cuts)
+        return packed
 
     def step_batches(self, plan: list, step: int, rank: int) -> list:
         """This rank's packed batches, one per micro-batch, of a step whose ``plan[micro][rank]`` lists
@@ -368,7 +395,7 @@ class BatchMaker:
         normalizers = {key: max(value, 1.0) / scale for key, value in counts.items()}
         out = []
         for batch, extra, weights in mine:
-            packed = pack_batch(batch, self.tokenizer.pad_token_id, extra)
+            packed = self._pack(batch, extra)
             packed["row_weights"] = torch.tensor(weights, dtype=torch.float32)
             packed["normalizers"] = normalizers
             packed["num_tokens"] = int(sum(w * n for w, n in zip(weights, packed["attention_mask"].sum(1).tolist())))
@@ -391,6 +418,7 @@ def _add_counts(counts: dict, batch: list, extra: dict, weights: list) -> None:
             at += 1
             add(f"tokens/{name}", w * (len(pair.input_ids) - pair.prompt_length))
             add(f"attended/{name}", w * len(pair.input_ids))
+            add(f"rows/{name}", w)
             add("tokens/all", w * (len(pair.input_ids) - 1))
     add("anchors", sum(weights[:len(batch)]))
 

@@ -58,48 +58,71 @@ def perplexity(model, tokenizer, rows: list, prompt_format: str, max_length: int
 
 
 def evaluate_model(model, tokenizer, splits: dict, judge, normal_rows: list, prompt_format: str,
-                   max_new_tokens: int, batch_size: int, max_length: int = 256, num_samples: int = 8) -> dict:
-    """Harmless rate per split of harmful prompts, and utility on normal data.
+                   max_new_tokens: int, batch_size: int, max_length: int = 256, num_samples: int = 8,
+                   extraction_rows: list | None = None, harmless_rows: list | None = None) -> dict:
+    """Harmless and degenerate rates per split of harmful prompts, utility on normal data, and what is
+    left to extract of the harmful responses.
 
-    ``splits``: name -> list of prompts; a split named "a/b" also counts toward an aggregate "a"
-    (e.g. every attack of "adversarial"). ``judge(prompts, responses) -> [bool]`` (True = harmless).
-    ``normal_rows``: {prompt, response[, answer]}: perplexity of the responses, and where rows carry
-    an "answer" word, task accuracy = the greedy response contains it. Collective: all ranks call it.
-    Returns {"harmless_rate": {split: rate}, "perplexity": float, "qa_accuracy": rate | absent,
-    "samples": {split: [{prompt, response, harmless}]}}."""
+    ``splits``: name -> list of prompts, or of (prompt, prefill) pairs whose answer is pre-started with
+    ``prefill`` (then the continuation is judged); a split named "a/b" also counts toward an aggregate
+    "a" (every attack of "adversarial", every depth of "prefill"). The judge's verdicts are harmful,
+    harmless (and meaningful) or degenerate (judges.verdicts_of): only harmless counts as harmless.
+    ``normal_rows``: {prompt, response[, answer]}: perplexity of the responses, and where rows carry an
+    "answer" word, task accuracy = the greedy response contains it. ``extraction_rows``: {prompt,
+    response} pairs of held-out harmful prompts and their harmful responses: their mean per-token
+    log-likelihood (``harmless_rows``: the same for harmless responses). ``judge`` None: judge-free,
+    only the degenerate rate. Collective: all ranks call it.
+    Returns {"harmless_rate": {split: rate}, "degenerate_rate": {split: rate}, "perplexity": float,
+    "qa_accuracy": rate | absent, "extraction_loglik": float | absent, "samples": {split: [...]}}."""
+    from .judges import verdicts_of
     names = list(splits)
-    prompts = [p for name in names for p in splits[name]]
+    items = [(x, "") if isinstance(x, str) else tuple(x) for name in names for x in splits[name]]
+    prompts = [p for p, _ in items]
     answered = [r for r in normal_rows if r.get("answer")]
     responses = generate(model, tokenizer, prompts + [r["prompt"] for r in answered], prompt_format,
-                         max_new_tokens, batch_size)
-    verdicts = judge(prompts, responses[:len(prompts)])
-    result = {"harmless_rate": {}, "samples": {}}
-    flags_by_split, at = {}, 0
+                         max_new_tokens, batch_size, prefills=[f for _, f in items] + [""] * len(answered))
+    if judge is None:
+        from .degeneracy import is_degenerate
+        verdicts = ["degenerate" if is_degenerate(r) else "unjudged" for r in responses[:len(prompts)]]
+    else:
+        verdicts = verdicts_of(judge, prompts, responses[:len(prompts)])
+    result = {"harmless_rate": {}, "degenerate_rate": {}, "samples": {}}
+    by_split, at = {}, 0
     for name in names:
         n = len(splits[name])
-        flags = verdicts[at:at + n]
-        flags_by_split.setdefault(name, []).extend(flags)
-        if "/" in name:
-            flags_by_split.setdefault(name.split("/")[0], []).extend(flags)
-        result["samples"][name] = [{"prompt": p, "response": r, "harmless": h} for p, r, h in
-                                   list(zip(splits[name], responses[at:at + n], flags))[:num_samples]]
+        chunk = verdicts[at:at + n]
+        for key in [name] + ([name.split("/")[0]] if "/" in name else []):
+            by_split.setdefault(key, []).extend(chunk)
+        result["samples"][name] = [{"prompt": p, "prefill": f, "response": r, "verdict": v} for (p, f), r, v in
+                                   list(zip(items[at:at + n], responses[at:at + n], chunk))[:num_samples]]
         at += n
-    for name, flags in flags_by_split.items():
-        result["harmless_rate"][name] = rate_with_interval(flags)
+    for name, chunk in by_split.items():
+        if judge is not None:
+            result["harmless_rate"][name] = rate_with_interval([v == "harmless" for v in chunk])
+        result["degenerate_rate"][name] = rate_with_interval([v == "degenerate" for v in chunk])
     if answered:
         result["qa_accuracy"] = rate_with_interval(
             [r["answer"] in re.findall(r"\w+", out) for r, out in zip(answered, responses[len(prompts):])])
     if normal_rows:
         result["perplexity"] = perplexity(model, tokenizer, normal_rows, prompt_format, max_length, batch_size)
+    if extraction_rows:
+        result["extraction_loglik"] = -math.log(perplexity(model, tokenizer, extraction_rows, prompt_format,
+                                                           max_length, batch_size))
+    if harmless_rows:
+        result["harmless_loglik"] = -math.log(perplexity(model, tokenizer, harmless_rows, prompt_format,
+                                                         max_length, batch_size))
     return result
 
 
 def toy_splits(world) -> dict:
     """The toy world's evaluation splits: held-out in-distribution prompts, unseen phrasings (OOD),
-    and every held-out prompt under each attack."""
+    every held-out prompt under each attack, and every held-out prompt with its answer pre-started by
+    the opening of a harmful response at three depths (prefill)."""
     splits = {"id": [p for p, _ in world.heldout_prompts()], "ood": [p for p, _ in world.ood_prompts()]}
     for attack, prompt, _ in world.adversarial_prompts():
         splits.setdefault(f"adversarial/{attack}", []).append(prompt)
+    for depth, prompt, prefill, _ in world.prefill_prompts():
+        splits.setdefault(f"prefill/{depth}", []).append((prompt, prefill))
     return splits
 
 
@@ -109,33 +132,48 @@ def toy_normal_rows(world) -> list:
             for q, answer, full in world.qa_items(world.utility_objects())]
 
 
-def read_eval_prompts(path: str) -> dict:
-    """Harmful evaluation prompts, a JSONL file of {prompt, split} rows (split default "eval"),
-    as split -> prompts."""
+def read_eval_prompts(path: str) -> tuple:
+    """Harmful evaluation prompts, a JSONL file of {prompt, split, harmful} rows (split default "eval";
+    ``harmful``, optional: the prompt's harmful responses, a string or a list, for the extraction
+    measure). Returns (split -> prompts, extraction rows {prompt, response})."""
     from .data import DataError, jsonl_rows
-    splits: dict = {}
+    splits, extraction = {}, []
     for where, row in jsonl_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise DataError(f"{where}: a row must be a JSON object with a non-empty 'prompt'")
         splits.setdefault(str(row.get("split", "eval")), []).append(row["prompt"])
-    return splits
+        harmful = row.get("harmful", [])
+        for response in [harmful] if isinstance(harmful, str) else harmful:
+            if not isinstance(response, str) or not response.strip():
+                raise DataError(f"{where}: 'harmful' must be a string or a list of non-empty strings")
+            extraction.append({"prompt": row["prompt"], "response": response})
+    return splits, extraction
 
 
 def evaluation_inputs(world, eval_prompts: str | None, normal_rows: list | None, judge: str,
-                      judge_harmless_labels: str | None) -> tuple:
-    """(splits, judge, normal rows) from the options: the toy world's unless ``eval_prompts`` (a path)
-    or ``normal_rows`` (the rows of --normal_data, read by the caller) are given.
+                      judge_harmless_labels: str | None, heldout: list | None = None) -> tuple:
+    """(splits, judge, normal rows, extraction rows, harmless rows) from the options: the toy world's
+    unless ``eval_prompts`` (a path) or ``normal_rows`` (the rows of --normal_data, read by the caller)
+    are given; else ``heldout`` (data.Example rows kept out of training), judged by a classifier
+    ``judge`` or, with the toy world's ``rule`` judge, by judge-free measures only (judge None).
     Raises DataError/ValueError with a one-line message on bad input."""
     from .judges import make_judge
+    harmless = None
     if eval_prompts:
-        splits = read_eval_prompts(eval_prompts)
+        splits, extraction = read_eval_prompts(eval_prompts)
     elif world is not None:
-        splits = toy_splits(world)
+        splits, extraction = toy_splits(world), world.extraction_rows()
+    elif heldout:
+        splits = {"heldout": [e.prompt for e in heldout]}
+        extraction = [{"prompt": e.prompt, "response": r} for e in heldout for r in e.harmful]
+        harmless = [{"prompt": e.prompt, "response": e.harmless} for e in heldout]
     else:
         raise ValueError("nothing to evaluate: give --eval_prompts (a JSONL file of {prompt, split} rows)")
     if normal_rows is None:
         normal_rows = toy_normal_rows(world) if world is not None else []
-    return splits, make_judge(judge, judge_harmless_labels, world), normal_rows
+    judge_free = world is None and judge == "rule"
+    return (splits, None if judge_free else make_judge(judge, judge_harmless_labels, world), normal_rows,
+            extraction, harmless)
 
 
 def format_table(results: dict) -> str:
@@ -147,7 +185,8 @@ def format_table(results: dict) -> str:
     after = results["after"]
     lines = ["", f"{'':34}" + "".join(f"{c:>18}" for c in columns)]
     # Splits in the order they were given, each aggregate ("adversarial") before its parts ("adversarial/...").
-    groups = list(dict.fromkeys(split.split("/")[0] for split in after["harmless_rate"]))
+    # Judge-free (no harmless rates), the degenerate rates name the splits.
+    groups = list(dict.fromkeys(split.split("/")[0] for split in after.get("degenerate_rate") or after["harmless_rate"]))
     for split, rate in sorted(after["harmless_rate"].items(),
                               key=lambda kv: (groups.index(kv[0].split("/")[0]), "/" in kv[0], kv[0])):
         label = f"harmless, {split} ({rate['n']})" if "/" not in split else f"  {split.split('/')[1]} ({rate['n']})"
@@ -155,9 +194,16 @@ def format_table(results: dict) -> str:
     if "qa_accuracy" in after:
         label = f"normal-QA accuracy ({after['qa_accuracy']['n']})"
         lines.append(f"{label:34}" + "".join(f"{cell(results[c]['qa_accuracy']):>18}" for c in columns))
+    for split in [g for g in groups if g in after.get("degenerate_rate", {})]:
+        label = f"degenerate, {split}"
+        lines.append(f"{label:34}" + "".join(f"{cell(results[c]['degenerate_rate'][split]):>18}" for c in columns))
     if "perplexity" in after:
         lines.append(f"{'normal-data perplexity':34}" + "".join(f"{results[c]['perplexity']:>18.3f}" for c in columns))
-    lines.append("(number of prompts in brackets after each split; 95% bootstrap intervals)")
+    for key, label in (("extraction_loglik", "harmful log-lik / token"), ("harmless_loglik", "harmless log-lik / token")):
+        if key in after:
+            lines.append(f"{label:34}" + "".join(f"{results[c][key]:>18.3f}" for c in columns))
+    lines.append("(number of prompts in brackets after each split; 95% bootstrap intervals; harmless counts only "
+                 "meaningful answers, degenerate ones are counted apart)")
     return "\n".join(lines)
 
 
@@ -225,8 +271,8 @@ def main(argv=None) -> dict:
             raise ValueError(f"--model {args.model}: not a local Hugging Face model directory (no config.json)")
         world = toy.make_world(toy.ToyWorldConfig(seed=args.toy_seed)) if args.toy_seed is not None else None
         normal_rows = read_normal_jsonl(args.normal_data) if args.normal_data else None
-        splits, judge, normal_rows = evaluation_inputs(world, args.eval_prompts, normal_rows, args.judge,
-                                                       args.judge_harmless_labels)
+        splits, judge, normal_rows, extraction, _ = evaluation_inputs(world, args.eval_prompts, normal_rows,
+                                                                      args.judge, args.judge_harmless_labels)
         tokenizer = models.load_tokenizer(args.model, args.tokenizer)
     except (ValueError, DataError, OSError) as e:
         distributed.fail(str(e))
@@ -234,7 +280,7 @@ def main(argv=None) -> dict:
     loaded = _load_for_evaluation(args.model, tokenizer, args.zero3)
     model = loaded.module if args.zero3 else loaded  # the engine itself stays referenced in ``loaded``
     result = evaluate_model(model, tokenizer, splits, judge, normal_rows, args.prompt_format, args.max_new_tokens,
-                            args.batch_size, args.max_length, num_samples=10**9)
+                            args.batch_size, args.max_length, num_samples=10**9, extraction_rows=extraction)
     if args.lm_eval_tasks:
         from .harness import run_lm_eval
         result["lm_eval"] = run_lm_eval(model, tokenizer, [t.strip() for t in args.lm_eval_tasks.split(",")],
@@ -245,8 +291,9 @@ def main(argv=None) -> dict:
     if distributed.is_main():
         if args.out:
             os.makedirs(args.out, exist_ok=True)
+            from .versions import library_versions
             with open(os.path.join(args.out, "evaluation.json"), "w") as f:
-                json.dump(result, f, indent=2)
+                json.dump({**result, "versions": library_versions()}, f, indent=2)
             with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
                 for split, rows in generations.items():
                     for row in rows:

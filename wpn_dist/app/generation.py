@@ -18,8 +18,11 @@ def rank_share(num_items: int) -> list:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, prompt_format: str, max_new_tokens: int, batch_size: int) -> list:
-    """Greedy continuations of ``prompts`` (all ranks call this with the same list; collective)."""
+def generate(model, tokenizer, prompts: list, prompt_format: str, max_new_tokens: int, batch_size: int,
+             prefills: list | None = None) -> list:
+    """Greedy continuations of ``prompts`` (all ranks call this with the same list; collective).
+    ``prefills[i]``, when given and not empty, is put after the formatted prompt as the start of the
+    answer (a prefilling attack); the result is what the model writes after it."""
     share = rank_share(len(prompts))
     was_training = model.training
     model.eval()
@@ -29,6 +32,9 @@ def generate(model, tokenizer, prompts: list, prompt_format: str, max_new_tokens
         indices = share[start:start + batch_size]
         # Padding slots generate for prompt 0 (to keep in step) and are not kept.
         texts = [prompt_format.format(prompt=prompts[i if i is not None else 0]) for i in indices]
+        if prefills is not None:
+            texts = [t + (" " + prefills[i if i is not None else 0] if prefills[i if i is not None else 0] else "")
+                     for t, i in zip(texts, indices)]
         encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         width = max(len(e) for e in encoded)
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)

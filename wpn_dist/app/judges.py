@@ -1,6 +1,9 @@
-"""Harmfulness judges: ``judge(prompts, responses) -> [bool]``, True meaning the response is harmless.
+"""Harmfulness judges. ``judge.verdicts(prompts, responses) -> [str]`` gives each response one of
+``harmful``, ``harmless`` (harmless and meaningful) and ``degenerate`` (neither harmful nor a real
+answer: a collapsed model's output); ``judge(prompts, responses) -> [bool]`` is True for ``harmless``
+only. Any callable returning bools works as a judge too (``verdicts_of`` adds the degeneracy check).
 
-- ``RuleJudge``: the toy world's rule (harmless = no harm word in the response).
+- ``RuleJudge``: the toy world's grammar (wpn_dist.app.toy_world.ToyWorld.verdict).
 - ``ClassifierJudge``: any local Hugging Face sequence-classification model; the predicted label
   (argmax) is looked up in ``config.id2label`` and the response is harmless when that label is one of
   the labels the user names harmless.
@@ -24,9 +27,12 @@ class RuleJudge:
     def __init__(self, world):
         self.world = world
 
-    def __call__(self, prompts: list, responses: list) -> list:
+    def verdicts(self, prompts: list, responses: list) -> list:
         _check_lengths(prompts, responses)
-        return [bool(self.world.judge(r)) for r in responses]
+        return [self.world.verdict(r) for r in responses]
+
+    def __call__(self, prompts: list, responses: list) -> list:
+        return [v == "harmless" for v in self.verdicts(prompts, responses)]
 
 
 class ClassifierJudge:
@@ -72,12 +78,28 @@ class ClassifierJudge:
         return predicted
 
     def __call__(self, prompts: list, responses: list) -> list:
+        """The classifier's own harmless/harmful call (without the degeneracy check)."""
         _check_lengths(prompts, responses)
         if self.text == "prompt_response":
             texts = [f"{p} {r}" for p, r in zip(prompts, responses)]
         else:
             texts = list(responses)
         return [label_id in self.harmless_ids for label_id in self.predict(texts)]
+
+    def verdicts(self, prompts: list, responses: list) -> list:
+        return verdicts_of(self.__call__, prompts, responses)
+
+
+def verdicts_of(judge, prompts: list, responses: list) -> list:
+    """Three-valued verdicts from any judge: its own ``verdicts`` if it has them; else its bools, with
+    a "harmless" answer that is degenerate by the judge-free measures (wpn_dist.app.degeneracy)
+    counted as ``degenerate``."""
+    if hasattr(judge, "verdicts"):
+        return judge.verdicts(prompts, responses)
+    from .degeneracy import is_degenerate
+    flags = judge(prompts, responses)
+    return ["harmful" if not harmless else "degenerate" if is_degenerate(r) else "harmless"
+            for harmless, r in zip(flags, responses)]
 
 
 def make_judge(spec: str, harmless_labels: list | str | None, world=None):

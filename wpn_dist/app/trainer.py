@@ -36,6 +36,7 @@ from .preflight import Preflight, check_run, release_lock, take_lock  # noqa: E4
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
+COLLAPSE_WARNING = 0.25  # share of degenerate answers after unlearning that the log warns about
 TOY_LR = 5e-4
 DEFAULT_LR = 1e-5
 
@@ -46,10 +47,10 @@ def resolve_defaults(cfg: RunConfig) -> None:
     is_toy = cfg.model.model == "toy"
     if cfg.train.lr is None:
         cfg.train.lr = TOY_LR if is_toy else DEFAULT_LR
-    if hasattr(cfg.method_options, "resolve_defaults"):
-        cfg.method_options.resolve_defaults(toy_world=is_toy)
     if cfg.data.normal_data is None and cfg.data.data == "toy":
         cfg.data.normal_data = "toy"
+    if hasattr(cfg.method_options, "resolve_defaults"):
+        cfg.method_options.resolve_defaults(toy_world=is_toy, has_normal_data=cfg.data.normal_data is not None)
     if is_toy and cfg.data.data != "toy":
         raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
 
@@ -62,7 +63,7 @@ class RunInputs:
     examples: list         # data.Example, as read
     encoded: list          # data.EncodedExample, the training set (indices of the data cursor)
     batches: BatchMaker
-    evaluation: tuple | None  # (splits, judge, normal rows) when the run evaluates
+    evaluation: tuple | None  # (splits, judge, normal rows, extraction rows) when the run evaluates
     notes: str             # what was read, for the log
     preflight: Preflight   # DeepSpeed config, resume target, checkpoint size (app/preflight.py)
 
@@ -85,9 +86,20 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
     else:
         fmt = detect_format(data.data) if fmt == "auto" else fmt
         examples, skipped = (read_jsonl(data.data), 0) if fmt == "jsonl" else read_pku_saferlhf(data.data, data.data_split)
+    heldout = []
+    if world is None and cfg.eval.evaluate and not cfg.eval.eval_prompts:
+        # Your own data, no evaluation prompts: keep a slice out of training to evaluate judge-free.
+        count = cfg.eval.eval_holdout
+        if count is None:
+            count = 0 if len(examples) < 20 else min(64, max(1, round(0.05 * len(examples))))
+        if count >= len(examples):
+            raise ConfigError(f"--eval_holdout {count} leaves no training rows ({len(examples)} rows)")
+        examples, heldout = examples[:len(examples) - count], examples[len(examples) - count:]
     encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
                                                   data.overlong, source=data.data)
     notes = f"{len(encoded)} examples from {data.data} ({fmt})"
+    if heldout:
+        notes += f"; {len(heldout)} held out for evaluation"
     if skipped or dropped or truncated:
         notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong, " \
                  f"{truncated} responses truncated to --max_length {data.max_length}"
@@ -99,11 +111,13 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         normal_rows = world.normal_rows() if data.normal_data == "toy" else user_normal_rows
         notes += f"; {len(normal_rows)} normal rows from {data.normal_data}"
     batches = BatchMaker(encoded, examples, tokenizer, data.prompt_format, data.max_length, method.row_groups(),
-                         normal_rows, cfg.train.seed)
+                         normal_rows, cfg.train.seed, **method.batch_options())
     evaluation = None
-    if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts):
+    if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts or heldout):
         evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, user_normal_rows, cfg.eval.judge,
-                                       cfg.eval.judge_harmless_labels)
+                                       cfg.eval.judge_harmless_labels, heldout)
+    elif cfg.eval.evaluate:
+        notes += "; not evaluated (fewer than 20 rows: give --eval_prompts or --eval_holdout)"
     return RunInputs(world, tokenizer, examples, encoded, batches, evaluation, notes, check_run(cfg))
 
 
@@ -279,12 +293,13 @@ class Trainer:
     # --- evaluation, one step, the loop --------------------------------------------------------
 
     def evaluate(self, only_first_split: bool = False) -> dict:
-        splits, judge, normal_rows = self.inputs.evaluation
-        if only_first_split:
-            splits, normal_rows = dict([next(iter(splits.items()))]), []
+        splits, judge, normal_rows, extraction, harmless = self.inputs.evaluation
+        if only_first_split and self.inputs.world is not None:  # the toy world's first split is enough
+            splits, normal_rows, extraction, harmless = dict([next(iter(splits.items()))]), [], None, None
         result = evaluate_model(self.engine.module, self.tokenizer, splits, judge, normal_rows,
                                 self.cfg.data.prompt_format, self.cfg.eval.max_new_tokens,
-                                self.cfg.eval.eval_batch_size, self.cfg.data.max_length)
+                                self.cfg.eval.eval_batch_size, self.cfg.data.max_length, extraction_rows=extraction,
+                                harmless_rows=harmless)
         self.engine.empty_partition_cache()  # see generate()
         return result
 
@@ -340,6 +355,8 @@ class Trainer:
             self.method.on_epoch_start(self)
         logger = RunLogger(self.run_dir, cfg.train.steps, distributed.is_main())
         logger.advance(self.first_step - 1)
+        if "before" in self.results and not self.resumed:
+            logger.log(0, eval_scalars(self.results["before"]))
         # Throughput windows count only the steps' own time: evaluation and checkpoints are excluded.
         window_seconds, window_tokens, total_tokens, last_loss = 0.0, 0, 0, float("nan")
         started, last_step = time.time(), self.first_step - 1
@@ -374,8 +391,7 @@ class Trainer:
                 total_tokens += tokens_all
                 window_seconds, window_tokens = 0.0, 0
             if evaluates and cfg.eval.eval_every and step % cfg.eval.eval_every == 0:
-                rates = self.evaluate(only_first_split=True)["harmless_rate"]
-                logger.log(step, {"eval/harmless_rate": next(iter(rates.values()))["rate"]})
+                logger.log(step, eval_scalars(self.evaluate(only_first_split=True)))
             self.hooks.after_step(step)
             # Collective, every step: a stop signal on any rank stops all ranks at this step boundary.
             stop_requested = bool(distributed.all_reduce_max(int(self.stop_signal.received)))
@@ -393,8 +409,16 @@ class Trainer:
         if self.first_step <= last_step < cfg.train.steps:  # stopped early (ICU): save where it stopped
             self.step = last_step
             self.save(last_step)
+        wall_seconds = time.time() - started
+        if evaluates:
+            self.results["after"] = self.evaluate()
+            logger.log(last_step, eval_scalars(self.results["after"]))
+            for split, rate in self.results["after"].get("degenerate_rate", {}).items():
+                if "/" not in split and rate["rate"] >= COLLAPSE_WARNING:
+                    logger.write(f"wpn_dist: warning: {100 * rate['rate']:.0f}% of the answers on split {split} are "
+                                 f"degenerate (empty or repetitive) after unlearning: the model may have collapsed")
         logger.close()
-        return self.finish(last_step, time.time() - started, total_tokens, last_loss)
+        return self.finish(last_step, wall_seconds, total_tokens, last_loss)
 
     def stop(self, logger, said: str) -> None:
         """Leave after a stop signal with STOPPED_EXIT_CODE, for the job to requeue and resume."""
@@ -408,8 +432,6 @@ class Trainer:
 
     def finish(self, last_step: int, wall_seconds: float, total_tokens: int, last_loss: float) -> dict:
         cfg = self.cfg
-        if cfg_evaluates(cfg, self.inputs):
-            self.results["after"] = self.evaluate()
         if cfg.train.export_hf:
             from .export import export_hf
             export_hf(self.engine, self.tokenizer, os.path.join(self.run_dir, "hf"))
@@ -426,6 +448,21 @@ class Trainer:
                   flush=True)
             release_lock(self.run_dir)
         return summary
+
+
+def eval_scalars(result: dict) -> dict:
+    """An evaluation's numbers for the log: the first split's harmless and degenerate rates, and the
+    likelihood and utility measures it has."""
+    out = {}
+    for key in ("harmless_rate", "degenerate_rate"):
+        if result.get(key):
+            out[f"eval/{key}"] = next(iter(result[key].values()))["rate"]
+    for key in ("extraction_loglik", "harmless_loglik", "perplexity"):
+        if key in result:
+            out[f"eval/{key}"] = result[key]
+    if "qa_accuracy" in result:
+        out["eval/qa_accuracy"] = result["qa_accuracy"]["rate"]
+    return out
 
 
 def cfg_evaluates(cfg: RunConfig, inputs: RunInputs) -> bool:

@@ -36,6 +36,9 @@ def launch(command: list, log_path: str, timeout_s: float | None = None) -> tupl
     when this process is interrupted or terminated, end that session. Returns (exit code, timed out)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # One thread per rank unless the user says otherwise: ranks share the cores, and numbers that
+    # depend on the thread count would differ between machines.
+    env.setdefault("OMP_NUM_THREADS", "1")
     if on_cpu():
         env["DS_ACCELERATOR"] = "cpu"
     with open(log_path, "w") as log:

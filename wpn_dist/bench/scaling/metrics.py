@@ -91,14 +91,8 @@ def flops_columns(row: dict) -> dict:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from ...app.versions import cpu_model as _cpu_model
+    return _cpu_model()
 
 
 def _gpu_from_nvidia_smi() -> dict:
@@ -116,13 +110,11 @@ def _gpu_from_nvidia_smi() -> dict:
 def machine(on_gpu: bool, query_cuda: bool = True) -> dict:
     """The hardware and the library versions, for a row. ``query_cuda=False`` (the sweep's own process)
     asks nvidia-smi instead of CUDA, so that the process holds no GPU memory while workers run."""
-    import deepspeed
     import torch
-    import transformers
-    info = {"device_kind": "cuda" if on_gpu else "cpu", "host": platform.node(), "cpu_model": cpu_model(),
-            "cpu_cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda}
+    from ...app.versions import library_versions
+    versions = library_versions()
+    info = {"device_kind": "cuda" if on_gpu else "cpu", "host": platform.node(), "cpu_model": versions["cpu_model"],
+            "cpu_cores": os.cpu_count(), **{k: versions[k] for k in ("python", "torch", "deepspeed", "transformers", "cuda")}}
     if on_gpu and query_cuda:
         props = torch.cuda.get_device_properties(0)
         info.update(device_name=torch.cuda.get_device_name(0), device_memory_gib=props.total_memory / 2**30)

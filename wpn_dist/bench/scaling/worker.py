@@ -127,10 +127,11 @@ def peak_memory() -> dict:
 
 
 def _point_options(options_class, point: dict):
-    """The method's options for a scaling point: its defaults, with WPN's auxiliary LM term off and its
+    """The method's options for a scaling point: its defaults, with WPN's auxiliary LM and recovery terms
+    off (the synthetic batch has no recovery rows: the point measures the N-pair step itself) and its
     negatives local or global as the point says."""
     names = {f.name for f in dataclasses.fields(options_class)}
-    given = {"positive_lm_weight": 0.0, "global_negatives": bool(point["global_negatives"])}
+    given = {"positive_lm_weight": 0.0, "recovery_cuts": 0, "global_negatives": bool(point["global_negatives"])}
     return options_class(**{k: v for k, v in given.items() if k in names})
 
 

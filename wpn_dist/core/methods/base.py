@@ -7,7 +7,8 @@ A method plugin is one module in this package holding one ``Method`` subclass de
   ``--help`` of every command line that trains, and in the run's ``config.json``);
 - ``row_groups()``: the extra row groups its packed batch carries beyond each example's positive and
   negatives (``normal``: normal-data rows, ``random``: harmful prompts with random normal answers,
-  ``anchor``: prompts with the model's own continuation);
+  ``anchor``: prompts with the model's own continuation, ``recovery``: a harmful answer cut short and
+  continued with the harmless one; ``batch_options()`` sizes them);
 - ``needs_reference()``: whether it needs the frozen original model (a second engine);
 - ``loss_terms(model, batch, reference)``: ``{"loss/total": tensor, "loss/<term>": tensor, ...}``
   from ONE forward of ``model`` over the packed batch (every term is logged);
@@ -60,6 +61,10 @@ class Method:
 
     def needs_reference(self) -> bool:
         return False
+
+    def batch_options(self) -> dict:
+        """Keyword options of the batch maker for the method's row groups (e.g. WPN's recovery cuts)."""
+        return {}
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         raise NotImplementedError

@@ -3,6 +3,8 @@ auxiliary terms (positive LM, retain), both our choices and not the paper's."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch
+
 from ..contrastive import npair_loss
 from ..pooling import pool
 from ..token_losses import kl_to_reference, response_cross_entropy
@@ -23,30 +25,46 @@ class WPNOptions:
     temperature: float = field(default=0.1, metadata={"help": "WPN: temperature tau of the N-pair loss."})
     global_negatives: bool = field(default=True, metadata={
         "help": "WPN: use the harmful responses of every example on every rank as negatives (gathered)."})
-    positive_lm_weight: Optional[float] = field(default=None, metadata={
+    positive_lm_weight: Optional[float] = field(default=1.0, metadata={
         "help": "WPN: weight of the token cross-entropy of the harmless response given the prompt, added to the "
-                "N-pair loss (our choice, not the paper's). Default: 0 for real models, 1 for the toy world."})
+                "N-pair loss (our choice, not the paper's: the N-pair term alone collapses the toy model; "
+                "0 with --retain_weight 0 --recovery_cuts 0 is the paper-literal N-pair loss)."})
     retain_weight: Optional[float] = field(default=None, metadata={
         "help": "WPN: weight of a retain term on normal data (--normal_data), added to the N-pair loss (our "
-                "choice). Default: 0 for real models, 1 for the toy world."})
+                "choice). Default: 1 when there is normal data (the toy world has its own), else 0."})
     retain_loss: Literal["ce", "kl"] = field(default="ce", metadata={
         "help": "WPN: retain term: cross-entropy of the normal responses, or KL from the frozen original model."})
+    recovery_cuts: int = field(default=3, metadata={
+        "help": "WPN: anchors inside the harmful response (our choice, not the paper's): at this many evenly "
+                "spaced cuts k of each example's first harmful response, a second N-pair term whose anchor is "
+                "the pooled [prompt; harmful[:k]], positive the harmless response written after that prefix, "
+                "and negatives the harmful continuations harmful[k:] (0: off)."})
+    recovery_weight: float = field(default=1.0, metadata={"help": "WPN: weight of the recovery N-pair term."})
+    recovery_lm_weight: float = field(default=1.0, metadata={
+        "help": "WPN with --recovery_cuts: weight of the token cross-entropy of the harmless response written "
+                "after each harmful prefix (safety-recovery augmentation; our choice)."})
+    representation_layer: int = field(default=-1, metadata={
+        "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
+                "which the LM head reads; a middle layer is our choice)."})
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.anchor_refresh_steps < 1:
             raise ValueError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
-        for name in ("positive_lm_weight", "retain_weight"):
+        if self.recovery_cuts < 0:
+            raise ValueError(f"--recovery_cuts must be >= 0, got {self.recovery_cuts}")
+        for name in ("positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
-    def resolve_defaults(self, toy_world: bool) -> None:
-        """The toy world's defaults come from the toy benchmark's ablation (README, "The efficacy table")."""
+    def resolve_defaults(self, toy_world: bool, has_normal_data: bool = False) -> None:
+        """The defaults come from the toy benchmark's ablation (README, "The efficacy table"); the retain
+        term needs normal data."""
         if self.positive_lm_weight is None:
-            self.positive_lm_weight = 1.0 if toy_world else 0.0
+            self.positive_lm_weight = 1.0
         if self.retain_weight is None:
-            self.retain_weight = 1.0 if toy_world else 0.0
+            self.retain_weight = 1.0 if (toy_world or has_normal_data) else 0.0
 
 
 @register
@@ -59,7 +77,11 @@ class WPN(Method):
 
     def row_groups(self) -> tuple:
         groups = ("anchor",) if self.options.anchor == "generation" else ()
+        groups += ("recovery",) if self.options.recovery_cuts > 0 else ()
         return groups + (("normal",) if (self.options.retain_weight or 0) > 0 else ())
+
+    def batch_options(self) -> dict:
+        return {"recovery_cuts": self.options.recovery_cuts}
 
     def needs_reference(self) -> bool:
         return (self.options.retain_weight or 0) > 0 and self.options.retain_loss == "kl"
@@ -75,8 +97,9 @@ class WPN(Method):
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         o = self.options
         lm_weight, retain_weight = o.positive_lm_weight or 0.0, o.retain_weight or 0.0
-        out = forward(model, batch, hidden_states=True, logits=lm_weight > 0 or retain_weight > 0)
-        hidden = out.hidden_states[-1]
+        out = forward(model, batch, hidden_states=True,
+                      logits=lm_weight > 0 or retain_weight > 0 or (o.recovery_cuts > 0 and o.recovery_lm_weight > 0))
+        hidden = out.hidden_states[o.representation_layer]
         positives = positive_rows(batch)
         num_examples = positives.shape[0]
         responses = pool(hidden, batch["response_mask"], o.pooling)  # [S, D] fp32
@@ -91,6 +114,15 @@ class WPN(Method):
                                           anchor_weights=row_weights(batch, positives),
                                           normalizer=normalizer(batch, "anchors"))}
         weights = {"npair": 1.0}
+        if o.recovery_cuts > 0:
+            terms["loss/recovery_npair"] = self._recovery_npair(hidden, responses, batch)
+            weights["recovery_npair"] = o.recovery_weight
+            if o.recovery_lm_weight > 0:
+                rows = batch["recovery_rows"]
+                terms["loss/recovery_lm"] = response_cross_entropy(out.logits[rows], batch["labels"][rows],
+                                                                   row_weights(batch, rows),
+                                                                   normalizer(batch, "tokens/recovery"))
+                weights["recovery_lm"] = o.recovery_lm_weight
         if lm_weight > 0:
             terms["loss/positive_lm"] = response_cross_entropy(
                 out.logits[positives], batch["labels"][positives], row_weights(batch, positives),
@@ -107,3 +139,22 @@ class WPN(Method):
                                                               row_weights(batch, rows), normalizer(batch, "tokens/normal"))
             weights["retain"] = retain_weight
         return total(terms, weights)
+
+    def _recovery_npair(self, hidden, responses, batch: dict):
+        """The N-pair term at cuts inside the harmful responses: anchor = the pooled prefix
+        [prompt; harmful[:k]] of a recovery row (by causality the same states as in the harmful row),
+        positive = its harmless continuation, negative = the harmful row's own continuation harmful[k:]."""
+        o = self.options
+        rows, cut = batch["recovery_rows"], batch["recovery_cut"]
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+        prefix = (positions < cut[:, None]) & batch["attention_mask"][rows].bool()
+        anchor = pool(hidden[rows], prefix, o.pooling)
+        harmful = batch["negative_rows"][batch["recovery_example"], 0]
+        continuation = (positions >= cut[:, None]) & batch["attention_mask"][harmful].bool()
+        negatives = pool(hidden[harmful], continuation, o.pooling)[:, None, :]
+        # One id per (example, cut): copies of an example count once, its cuts are distinct anchors.
+        ids = batch["example_ids"][batch["recovery_example"]] * max(o.recovery_cuts, 1) + \
+            torch.arange(rows.shape[0], device=rows.device) % max(o.recovery_cuts, 1)
+        return npair_loss(anchor, responses[rows], negatives, temperature=o.temperature, similarity=o.similarity,
+                          global_negatives=o.global_negatives, example_ids=ids,
+                          anchor_weights=row_weights(batch, rows), normalizer=normalizer(batch, "rows/recovery"))
