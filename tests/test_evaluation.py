@@ -86,11 +86,18 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results["runs"]] == ["wpn", "ga"] and not any(r["failed"] for r in results["runs"])
-    for r in results["runs"]:
-        assert {"id", "ood", "adversarial"} <= set(r["after"]["harmless_rate"]) and r["steps_run"] == 4
+    names = [r["name"] for r in results["runs"]]
+    assert names == ["wpn", "ga", "retrain oracle"] and not any(r["failed"] for r in results["runs"])
+    for r in results["runs"][:2]:
+        assert {"id", "ood", "adversarial", "prefill"} <= set(r["after"]["harmless_rate"]) and r["steps_run"] == 4
+        assert set(r["relearn"]) == {"0", "5", "20"} and "extraction_loglik" in r["after"]
+    oracle = results["runs"][2]
+    # The oracle never learned the harmful pairs: nothing to extract, nothing to relearn from the other half.
+    assert oracle["after"]["extraction_loglik"] < -5 and oracle["relearn"]["20"] == 0
+    assert results["before_relearn"]["0"] == 1.0 and results["versions"]["torch"]
     table = (out / "results.md").read_text()
     assert "| before unlearning |" in table and "| wpn |" in table and "| ga |" in table
+    assert "| retrain oracle |" in table and "Prefill split by depth" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, skipped") == 2

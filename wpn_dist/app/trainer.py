@@ -36,7 +36,7 @@ from .preflight import Preflight, check_run, release_lock, take_lock  # noqa: E4
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
-COLLAPSE_WARNING = 0.25  # share of degenerate answers after unlearning that the log warns about
+COLLAPSE_WARNING = 0.25  # share of degenerate answers after unlearning (10 points up) that the log warns about
 TOY_LR = 5e-4
 DEFAULT_LR = 1e-5
 
@@ -413,10 +413,13 @@ class Trainer:
         if evaluates:
             self.results["after"] = self.evaluate()
             logger.log(last_step, eval_scalars(self.results["after"]))
+            before = self.results.get("before", {}).get("degenerate_rate", {})
             for split, rate in self.results["after"].get("degenerate_rate", {}).items():
-                if "/" not in split and rate["rate"] >= COLLAPSE_WARNING:
+                was = before.get(split, {}).get("rate", 0.0)
+                if "/" not in split and rate["rate"] >= COLLAPSE_WARNING and rate["rate"] - was >= 0.1:
                     logger.write(f"wpn_dist: warning: {100 * rate['rate']:.0f}% of the answers on split {split} are "
-                                 f"degenerate (empty or repetitive) after unlearning: the model may have collapsed")
+                                 f"degenerate (neither harmful nor a well-formed answer) after unlearning, "
+                                 f"{100 * was:.0f}% before: check the model for collapse")
         logger.close()
         return self.finish(last_step, wall_seconds, total_tokens, last_loss)
 
