@@ -23,8 +23,11 @@ points:
   - {model: tiny-opt, method: wpn, seq_len: 1024, prompt_len: 16, steps: 1, warmup_steps: 0}
   - {model: tiny-opt, method: lm, steps: 100000, timeout_s: 3}
   - {toy: true, model: tiny-opt, method: wpn, steps: 4, eval_every: 2, warmup_steps: 1,
-     target_harmless_rate: 0.5, timeout_s: 300}
+     target_harmless_rate: 0.0, timeout_s: 300}
 """
+# The toy point's model is a random tiny OPT: its answers are degenerate, never meaningfully harmless
+# (only an old judge that counted any answer without a harm word called them harmless). The point
+# checks the time-to-unlearn plumbing, so its target is met at the first evaluation.
 NODES = [1, 2, 4]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The issue's columns: config, step time (median and spread), tokens/s, TFLOP/s, MFU, HFU, peak memory,
@@ -120,7 +123,7 @@ def test_rerun_skips_points_already_done(study):
 def test_toy_point_gives_time_to_unlearn(study):
     toy = next(r for r in study["rows"].values() if r["toy"] == "True")
     assert toy["status"] == "ok", toy["error_tail"]
-    assert int(toy["steps_to_target"]) == 2  # the first evaluation (eval_every 2) already meets 0.5
+    assert int(toy["steps_to_target"]) == 2  # the first evaluation (eval_every 2) meets the target of 0
     assert math.isclose(float(toy["time_to_unlearn_s"]), 2 * float(toy["step_time_median_s"]), rel_tol=1e-9)
     # Measured wpn rows borrow the toy run's step count, marked as an estimate.
     wpn = study["rows"][preset_labels()[0]]
