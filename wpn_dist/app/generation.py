@@ -31,10 +31,10 @@ def generate(model, tokenizer, prompts: list, prompt_format: str, max_new_tokens
     for start in range(0, len(share), batch_size):
         indices = share[start:start + batch_size]
         # Padding slots generate for prompt 0 (to keep in step) and are not kept.
-        texts = [prompt_format.format(prompt=prompts[i if i is not None else 0]) for i in indices]
+        slots = [i if i is not None else 0 for i in indices]
+        texts = [prompt_format.format(prompt=prompts[i]) for i in slots]
         if prefills is not None:
-            texts = [t + (" " + prefills[i if i is not None else 0] if prefills[i if i is not None else 0] else "")
-                     for t, i in zip(texts, indices)]
+            texts = [t + " " + prefills[i] if prefills[i] else t for t, i in zip(texts, slots)]
         encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         width = max(len(e) for e in encoded)
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -78,14 +78,14 @@ def run_one(name: str, args: list, out: str, ranks: int, common: list, world, se
     if "before" in summary["evaluation"]:
         record["before"] = _numbers(summary["evaluation"]["before"])
     record["steps_to_target"] = _steps_to_target(os.path.join(run_dir, "metrics.jsonl"))
-    record["relearn"] = _relearn(os.path.join(run_dir, "hf"), world, seed)
+    record["relearn"] = _relearn(os.path.join(run_dir, "hf"), world, seed, os.path.join(run_dir, "relearn.json"))
     return record
 
 
-def _relearn(model_dir: str, world, seed: int) -> dict:
-    """The relearning attack's recovered share per step count (cached beside the model)."""
+def _relearn(model_dir: str, world, seed: int, path: str) -> dict:
+    """The relearning attack's recovered share per step count (cached in ``path``, in the benchmark's
+    own directory: never beside a shared cached model, whose attack depends on the world's seed)."""
     from .relearn import relearning_attack
-    path = os.path.join(os.path.dirname(model_dir.rstrip("/")), "relearn.json")
     if not os.path.isfile(path):
         with open(path, "w") as f:
             json.dump(relearning_attack(model_dir, world, RELEARN_STEPS, seed=seed), f, indent=2)
@@ -117,7 +117,9 @@ def oracle(world, seed: int, out: str, log=print) -> dict:
             torch.set_num_threads(threads)
         evaluation.pop("samples")
         with open(path, "w") as f:
-            json.dump({"after": _numbers(evaluation), "relearn": _relearn(model_dir, world, seed)}, f, indent=2)
+            json.dump({"after": _numbers(evaluation),
+                       "relearn": _relearn(model_dir, world, seed, os.path.join(out, "oracle_relearn.json"))},
+                      f, indent=2)
     with open(path) as f:
         record = json.load(f)
     record["relearn"] = {int(k): v for k, v in record["relearn"].items()}
@@ -128,15 +130,6 @@ def oracle(world, seed: int, out: str, log=print) -> dict:
 def _numbers(evaluation: dict) -> dict:
     return {key: evaluation[key] for key in ("harmless_rate", "degenerate_rate", "qa_accuracy", "perplexity",
                                              "extraction_loglik")}
-
-
-def _link_base(base_dir: str, out: str) -> bool:
-    """The implanted model before unlearning, as ``DIR/base/hf`` (for its relearning attack)."""
-    link = os.path.join(out, "base", "hf")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if not os.path.exists(link):
-        os.symlink(os.path.abspath(base_dir), link)
-    return os.path.isdir(link)
 
 
 def _steps_to_target(metrics_path: str):
@@ -288,11 +281,11 @@ def main(argv=None) -> dict:
         sys.exit(1)
     if args.oracle:
         runs.append(oracle(world, args.seed, args.out))
-    base = toy_world.implant_dir(world.config, toy_world.ImplantConfig())
+    base = toy_world.implant_dir(world.config, toy_world.ImplantConfig())  # the model before unlearning
     results = {"seed": args.seed, "steps": args.steps, "ranks": args.ranks, "targets": TARGETS,
                "wall_seconds": time.time() - started, "before": first["before"],
-               "before_relearn": _relearn(os.path.join(args.out, "base", "hf"), world, args.seed)
-               if _link_base(base, args.out) else {}, "runs": runs, "versions": library_versions()}
+               "before_relearn": _relearn(base, world, args.seed, os.path.join(args.out, "before_relearn.json")),
+               "runs": runs, "versions": library_versions()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = markdown(results)

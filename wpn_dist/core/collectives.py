@@ -30,31 +30,27 @@ def device() -> torch.device:
     return torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
 
 
-def all_reduce_max(value: int) -> int:
-    """The largest ``value`` over all ranks (collective)."""
+def _all_reduce(value: float, op) -> float:
     if not is_initialized() or world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest int ``value`` over all ranks (collective)."""
+    return int(_all_reduce(value, dist.ReduceOp.MAX))
 
 
 def all_reduce_max_float(value: float) -> float:
     """The largest float ``value`` over all ranks (collective)."""
-    if not is_initialized() or world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return _all_reduce(value, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(value: float) -> float:
     """The sum of ``value`` over all ranks (collective)."""
-    if not is_initialized() or world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
-    dist.all_reduce(t)
-    return float(t.item())
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def all_reduce_mean(value: float) -> float:
