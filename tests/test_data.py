@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 from wpn_dist.app import toy_world as toy
@@ -30,20 +31,27 @@ def test_jsonl_reader():
     assert [len(e.harmful) for e in examples] == [2, 1, 3, 1, 2]
 
 
-def test_pack_batch_puts_every_sequence_in_one_batch():
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_pack_batch_puts_every_sequence_in_one_batch(layout):
     tok = byte_level_tokenizer()
     encoded, _, _ = encode_examples(read_jsonl(os.path.join(DATA, "tiny.jsonl"))[:3], tok, "Q: {prompt} A:", 128)
-    batch = pack_batch(encoded, tok.pad_token_id)
-    assert batch["input_ids"].shape[0] == 3 + (2 + 1 + 3)
+    batch = pack_batch(encoded, tok.pad_token_id, layout=layout)
+    sequences = batch["layout"].sequences
+    assert len(sequences) == 3 + (2 + 1 + 3)
     assert batch["negative_rows"].tolist() == [[3, 4, 0], [5, 0, 0], [6, 7, 8]]
     assert batch["negative_mask"].tolist() == [[True, True, False], [True, False, False], [True, True, True]]
-    # Prompt and response spans partition the non-padding tokens of the positive rows.
-    assert torch.equal(batch["prompt_mask"] + batch["response_mask"][:3], batch["attention_mask"][:3])
     first = encoded[0].positive
-    assert batch["prompt_mask"][0].sum() == first.prompt_length
-    assert tok.decode(batch["input_ids"][0, first.prompt_length:len(first.input_ids)]).strip() == \
-        "i can not help with that.</s>"
-    assert (batch["labels"][0] != -100).sum() == len(first.input_ids) - first.prompt_length
+    assert sequences[0].token_ids == first.input_ids and sequences[0].prompt_length == first.prompt_length
+    response = batch["layout"].span([0])
+    assert tok.decode(batch["layout"].token_ids[response.flat_host].tolist()).strip() == "i can not help with that.</s>"
+    # Each negative starts with its example's prompt: packed, the prompt is in the row once.
+    assert sequences[3].parent == 0 and sequences[3].shared == first.prompt_length
+    executed = batch["layout"].num_executed_tokens()
+    every = sum(len(s.token_ids) for s in sequences)
+    if layout == "packed":
+        assert executed == every - sum(e.positive.prompt_length * len(e.negatives) for e in encoded)
+    else:
+        assert executed == len(sequences) * max(len(s.token_ids) for s in sequences) > every
 
 
 def test_sampler_pads_by_repetition_and_splits_ranks():

@@ -1,6 +1,8 @@
-"""Every method's loss and parameter gradients are invariant to how a step's examples are split:
+"""Every method's loss and parameter gradients are invariant to how a step's examples are split, and
+to the batch layout (packed: every prompt encoded once, no padding; padded: one row per sequence):
 1 rank x 4 examples, 2 ranks x 2, and 1 rank x 2 with 2 accumulated micro-batches agree within 1e-5
-(fp32, ZeRO-3, activation checkpointing, tiny OPT).
+(fp32, ZeRO-3, activation checkpointing, tiny OPT; the layouts also on tiny GPT-Neo, whose local-attention
+layers see a window shorter than the sequences here).
 
 WPN's global negatives are the exception by construction under accumulation: the negatives a
 micro-batch sees are those gathered from every rank at the same micro-step, so with accumulation
@@ -25,6 +27,34 @@ def layouts(tmp_path_factory):
         run_deepspeed(["tests/dist_scripts/invariance.py", layout, str(path)], num_procs=ranks)
         out[layout] = torch.load(path)
     return out
+
+
+# (plan, model, batch layout) -> ranks: the packed runs against padded ones, on 1 and 2 ranks.
+LAYOUT_RUNS = {("1x4", "tiny-opt", "padded"): 1, ("2x2", "tiny-opt", "padded"): 2,
+               ("1x4", "tiny-gpt-neo", "packed"): 1, ("1x4", "tiny-gpt-neo", "padded"): 1,
+               ("2x2", "tiny-gpt-neo", "packed"): 2}
+
+
+@pytest.fixture(scope="module")
+def batch_layouts(tmp_path_factory, layouts):
+    out = {("1x4", "tiny-opt", "packed"): layouts["1x4"], ("2x2", "tiny-opt", "packed"): layouts["2x2"]}
+    for key, ranks in LAYOUT_RUNS.items():
+        path = tmp_path_factory.mktemp("layout") / ("-".join(key) + ".pt")
+        run_deepspeed(["tests/dist_scripts/invariance.py", key[0], str(path), key[1], key[2]], num_procs=ranks)
+        out[key] = torch.load(path)
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-gpt-neo"])
+@pytest.mark.parametrize("method", ALL)
+def test_packed_layout_equals_padded(method, model, batch_layouts):
+    padded = batch_layouts[("1x4", model, "padded")]
+    assert_same({method: batch_layouts[("1x4", model, "packed")][method]}, {method: padded[method]})
+    assert_same({method: batch_layouts[("2x2", model, "packed")][method]}, {method: padded[method]})
+
+
+def test_padded_layout_two_ranks_equal_one(batch_layouts):
+    assert_same(batch_layouts[("2x2", "tiny-opt", "padded")], batch_layouts[("1x4", "tiny-opt", "padded")])
 
 
 @pytest.mark.parametrize("method", ALL)

@@ -66,3 +66,10 @@ def test_bad_shapes_and_temperature_raise():
         npair_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(3, 1, 4))
     with pytest.raises(ValueError, match="temperature"):
         npair_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 1, 4), temperature=0)
+
+
+def test_planned_npair_loss_issues_one_gather_on_two_ranks():
+    """With the step plan's dedup mask and shapes the N-pair loss needs one collective each way, and
+    equals the general path (tests/dist_scripts/one_gather.py asserts both)."""
+    from conftest import run_deepspeed
+    run_deepspeed(["tests/dist_scripts/one_gather.py"], num_procs=2)

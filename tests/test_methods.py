@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from wpn_dist.app import models
 from wpn_dist.app.data import BatchMaker, DataCursor, encode_examples, read_jsonl
+from wpn_dist.core import packed_attention
 from wpn_dist.core.methods import build_method, method_class, method_names
 from wpn_dist.core.methods.icu import sentence_bleu
 
@@ -24,6 +25,7 @@ def setup():
     tokenizer = models.load_tokenizer("tiny-opt")
     model = models.load_model("tiny-opt", tokenizer, init="random", seed=0)
     model.config.use_cache = False
+    assert packed_attention.install(model)  # batches are packed by default
     examples = read_jsonl(DATA)
     encoded, _, _ = encode_examples(examples, tokenizer, FORMAT, 96)
     return tokenizer, model, examples, encoded
@@ -38,9 +40,28 @@ def make_batch(setup, method, step=1):
     return maker.make([0, 1, 2], step, 0, 0)
 
 
+def tokens(batch, row):
+    return batch["layout"].sequences[int(row)].token_ids
+
+
+def padded(batch, rows, pad_id=1, response_only=True):
+    """An independent reference: ``rows`` as a plain right-padded batch, labels on their responses
+    (or on every token), whatever layout the batch has."""
+    sequences = [batch["layout"].sequences[int(r)] for r in rows]
+    width = max(len(s.token_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, s in enumerate(sequences):
+        n = len(s.token_ids)
+        ids[i, :n], mask[i, :n] = torch.tensor(s.token_ids), 1
+        start = s.prompt_length if response_only else 0
+        labels[i, start:n] = ids[i, start:n]
+    return ids, mask, labels
+
+
 def response_ce(model, batch, rows):
-    logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-    labels = batch["labels"][rows]
+    ids, mask, labels = padded(batch, rows)
+    logits = model(input_ids=ids, attention_mask=mask).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
@@ -68,8 +89,8 @@ def test_ga_random_answers_pair_the_harmful_prompt_with_normal_responses(setup):
     tokenizer = setup[0]
     batch = make_batch(setup, build_method("ga"))
     for row, example_row in zip(batch["random_rows"], range(3)):
-        text = tokenizer.decode(batch["input_ids"][row], skip_special_tokens=True)
-        prompt = tokenizer.decode(batch["input_ids"][example_row][batch["prompt_mask"][example_row].bool()],
+        text = tokenizer.decode(tokens(batch, row), skip_special_tokens=True)
+        prompt = tokenizer.decode(tokens(batch, example_row)[:batch["layout"].sequences[example_row].prompt_length],
                                   skip_special_tokens=True)
         assert text.startswith(prompt) and any(n["response"] in text for n in NORMAL)
 
@@ -77,8 +98,9 @@ def test_ga_random_answers_pair_the_harmful_prompt_with_normal_responses(setup):
 def test_batches_are_drawn_the_same_on_resume_and_differ_between_steps(setup):
     method = build_method("ga")
     a, b, c = make_batch(setup, method, 5), make_batch(setup, method, 5), make_batch(setup, method, 6)
-    assert torch.equal(a["input_ids"], b["input_ids"])
-    assert not all(torch.equal(make_batch(setup, method, s)["input_ids"], c["input_ids"]) for s in (1, 2, 3))
+    assert torch.equal(a["layout"].input_ids, b["layout"].input_ids)
+    assert not all(torch.equal(make_batch(setup, method, s)["layout"].input_ids, c["layout"].input_ids)
+                   for s in (1, 2, 3))
 
 
 def test_icu_terms(setup):
@@ -96,8 +118,8 @@ def test_lm_step_is_the_plain_causal_lm_loss_over_every_token(setup):
     model = setup[1]
     method = build_method("lm")
     batch = make_batch(setup, method)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    ids, mask, labels = padded(batch, range(len(batch["layout"].sequences)), response_only=False)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(method.loss_terms(model, batch)["loss/total"], expected)
 
 
@@ -199,8 +221,9 @@ def test_padding_copies_are_not_counted_as_tokens(setup):
     maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, (), None, seed=0)
     once = maker.step_batches([[[0, 1, 2]]], step=1, rank=0)[0]
     twice = maker.step_batches([[[0, 1, 2, 1]]], step=1, rank=0)[0]
-    assert once["num_tokens"] == int(once["attention_mask"].sum())
-    assert twice["num_tokens"] == once["num_tokens"] < int(twice["attention_mask"].sum())
+    # packed: every distinct token once; the copy's tokens are computed but not counted
+    assert once["num_tokens"] == once["layout"].num_executed_tokens() < sum(once["layout"].lengths.tolist())
+    assert twice["num_tokens"] == once["num_tokens"] < twice["layout"].num_executed_tokens()
 
 
 def test_sft_is_the_positive_lm_and_retain_terms_without_npair(setup):
@@ -219,12 +242,12 @@ def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup)
     method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, positive_lm_weight=0.0))
     batch = make_batch(setup, method)
     assert len(batch["recovery_rows"]) == 3 * 2 and batch["recovery_example"].tolist() == [0, 0, 1, 1, 2, 2]
-    for row, cut, example in zip(batch["recovery_rows"], batch["recovery_cut"], batch["recovery_example"]):
+    cuts = batch["layout"].prompt_lengths[batch["recovery_rows"]].tolist()  # a recovery row's prompt ends at its cut
+    for row, cut, example in zip(batch["recovery_rows"], cuts, batch["recovery_example"]):
         harmful = encoded[int(example)].negatives[0].input_ids
-        assert batch["input_ids"][row, :cut].tolist() == harmful[:cut]  # the harmful start...
-        text = tokenizer.decode(batch["input_ids"][row][batch["response_mask"][row].bool()], skip_special_tokens=True)
+        assert tokens(batch, row)[:cut] == harmful[:cut]  # the harmful start...
+        text = tokenizer.decode(tokens(batch, row)[cut:], skip_special_tokens=True)
         assert text.strip() == examples[int(example)].harmless  # ...continued with the harmless answer
-    cuts = batch["recovery_cut"].tolist()
     assert cuts[0] < cuts[1]  # two distinct cut points
     terms = method.loss_terms(model, batch)
     assert terms["loss/recovery_npair"] > 0

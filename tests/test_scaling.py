@@ -24,6 +24,9 @@ points:
   - {model: tiny-opt, method: lm, steps: 100000, timeout_s: 3}
   - {toy: true, model: tiny-opt, method: wpn, steps: 4, eval_every: 2, warmup_steps: 1,
      target_harmless_rate: 0.0, timeout_s: 300}
+  - {model: tiny-opt, method: wpn, lengths: pku, negatives: 2, positive_lm: true, steps: 2, warmup_steps: 0}
+  - {model: tiny-opt, method: wpn, lengths: pku, negatives: 2, positive_lm: true, steps: 2, warmup_steps: 0,
+     layout: padded}
 """
 # The toy point's model is a random tiny OPT: its answers are degenerate, never meaningfully harmless
 # (only an old judge that counted any answer without a harm word called them harmless). The point
@@ -88,9 +91,12 @@ def test_preset_rows_have_every_column_and_consistent_numbers(study):
         median, p25, p75 = (float(row[k]) for k in ("step_time_median_s", "step_time_p25_s", "step_time_p75_s"))
         assert 0 < p25 <= median <= p75
         assert int(row["steps_timed"]) == int(row["steps"]) == len(json.loads(row["step_times_s"]))
-        # Every row of every rank is counted: micro_batch x (1 + K) rows of seq_len tokens per rank.
-        rows_per_rank = int(row["micro_batch"]) * (1 + int(row["negatives"]))
-        assert int(row["tokens_per_step"]) == rows_per_rank * int(row["seq_len"]) * int(row["world_size"])
+        # Useful tokens: per example one prompt and 1 + K responses; packed, that is all the forward runs.
+        prompt, response = int(row["prompt_len"]), int(row["seq_len"]) - int(row["prompt_len"])
+        per_rank = int(row["micro_batch"]) * (prompt + (1 + int(row["negatives"])) * response)
+        assert int(row["tokens_per_step"]) == per_rank * int(row["world_size"])
+        assert int(row["executed_tokens_per_step"]) == int(row["tokens_per_step"])
+        assert float(row["useful_token_fraction"]) == 1.0
         assert math.isclose(float(row["tokens_per_s"]), int(row["tokens_per_step"]) / median, rel_tol=1e-9)
         assert float(row["model_tflops_per_gpu"]) > 0 and float(row["peak_memory_gib"]) > 0
         assert row["mfu"] == "" and row["hfu"] == "" and row["peak_tflops_per_gpu"] == ""  # no CPU peak claimed
@@ -100,6 +106,21 @@ def test_preset_rows_have_every_column_and_consistent_numbers(study):
     wpn, lm = study["rows"]["tiny-opt-wpn-K4-mb2-T64-zero3-fp32-w1"], study["rows"]["tiny-opt-lm-K4-mb2-T64-zero3-fp32-w1"]
     assert wpn["tokens_per_step"] == lm["tokens_per_step"]
     assert math.isclose(float(wpn["tokens_per_s_vs_lm"]), float(wpn["tokens_per_s"]) / float(lm["tokens_per_s"]))
+
+
+def test_padded_layout_executes_padding_and_repeated_prompts(study):
+    """PKU-like lengths, the same data in both layouts: the same useful tokens; the padded forward runs
+    more (padding, the prompt once per row), and the packed row carries the ratios against it."""
+    packed = study["rows"]["tiny-opt-wpn-K2-mb2-T128-zero3-fp32-w1-pku-lm"]
+    padded = study["rows"]["tiny-opt-wpn-K2-mb2-T128-zero3-fp32-w1-pku-padded-lm"]
+    for row in (packed, padded):
+        assert row["status"] == "ok", row["error_tail"]
+    assert packed["tokens_per_step"] == padded["tokens_per_step"] == packed["executed_tokens_per_step"]
+    assert int(padded["executed_tokens_per_step"]) > int(padded["tokens_per_step"])
+    assert float(padded["useful_token_fraction"]) < 0.9 and float(packed["useful_token_fraction"]) == 1.0
+    assert math.isclose(float(packed["step_time_vs_padded"]),
+                        float(padded["step_time_median_s"]) / float(packed["step_time_median_s"]))
+    assert float(packed["peak_memory_vs_padded"]) > 0
 
 
 def test_failed_points_are_recorded_and_the_sweep_goes_on(study):
@@ -147,7 +168,8 @@ def test_projection_rows_are_marked_and_communication_grows_with_nodes(study):
     sources = {}
     for r in rows:
         sources.setdefault(r["source_point_id"], []).append(r)
-    assert len(sources) == len(preset_labels())  # every measured preset row, no failed or toy row
+    # every measured row (the preset's and the two PKU-length points), no failed or toy row
+    assert len(sources) == len(preset_labels()) + 2
     for members in sources.values():
         members.sort(key=lambda r: int(r["nodes"]))
         assert [int(r["nodes"]) for r in members] == NODES

@@ -1,7 +1,8 @@
 """One optimizer step's loss and full parameter gradients for every method, on tiny OPT under ZeRO-3
 with activation checkpointing, for the same 4 examples split as LAYOUT: "1x4" (one rank, one
 micro-batch of 4), "2x2" (two ranks of 2) or "1x2acc2" (one rank, two accumulated micro-batches of 2).
-Usage: invariance.py LAYOUT OUT (rank 0 saves {method: {"loss", "grads"}})."""
+Usage: invariance.py LAYOUT OUT [MODEL [BATCH_LAYOUT]] (rank 0 saves {method: {"loss", "grads"}}); MODEL
+tiny-opt (default) or tiny-gpt-neo, BATCH_LAYOUT packed (default) or padded."""
 import sys
 
 import torch
@@ -10,6 +11,7 @@ from deepspeed.utils import safe_get_full_grad
 from wpn_dist.app import distributed, engine, models
 from wpn_dist.app.config import TrainArguments
 from wpn_dist.app.data import BatchMaker, encode_examples, read_jsonl
+from wpn_dist.core import packed_attention
 from wpn_dist.core.methods import build_method, method_class, method_names
 
 NORMAL = [{"prompt": "what color is the sky", "response": "the sky is blue."},
@@ -25,32 +27,52 @@ METHODS["wpn-local-negatives"] = build_method("wpn", WPN(global_negatives=False,
 METHODS["wpn-recovery"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, positive_lm_weight=1.0,
                                                   retain_weight=1.0))
 
-layout, out_path = sys.argv[-2:]
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+layout, out_path = args[:2]
+model_name = args[2] if len(args) > 2 else "tiny-opt"
+batch_layout = args[3] if len(args) > 3 else "packed"
 plan = PLANS[layout]
 distributed.init()
 assert len(plan[0]) == distributed.world_size(), (layout, distributed.world_size())
-tokenizer = models.load_tokenizer("tiny-opt")
+tokenizer = models.load_tokenizer(model_name)
 examples = read_jsonl("tests/data/tiny.jsonl")
 encoded, _, _ = encode_examples(examples, tokenizer, "Q: {prompt} A:", 128)
 train = TrainArguments(micro_batch_size=len(plan[0][0]), gradient_accumulation_steps=len(plan), steps=2,
                        ds_config="zero3")
 ds_config = engine.build_ds_config(train, 1e-3, distributed.world_size())
-reference = engine.initialize_reference(models.load_model("tiny-opt", tokenizer, init="random", seed=0), ds_config)
+
+
+def make_model():
+    """The tiny model, GPT-Neo with a local-attention window (16) shorter than these sequences."""
+    if model_name != "tiny-gpt-neo":
+        return models.load_model(model_name, tokenizer, init="random", seed=0)
+    from transformers import AutoModelForCausalLM
+    config = models.build_config(models.MODEL_SPECS[model_name], vocab_size=len(tokenizer), tokenizer=tokenizer)
+    config.window_size = 16
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+reference_model = make_model()
+packed_attention.install(reference_model)
+reference = engine.initialize_reference(reference_model, ds_config)
 results = {}
 for name, method in METHODS.items():
-    model = models.load_model("tiny-opt", tokenizer, init="random", seed=0)
+    model = make_model()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    packed_attention.install(model)
     eng, _, _ = engine.initialize(model, ds_config)
     eng.train()
     maker = BatchMaker(encoded, examples, tokenizer, "Q: {prompt} A:", 128, method.row_groups(), NORMAL, seed=0,
-                       **method.batch_options())
+                       layout=batch_layout, **method.batch_options())
     batches = maker.step_batches(plan, step=1, rank=distributed.rank())
     loss = 0.0
     for micro, batch in enumerate(batches):
         batch.pop("num_tokens")
         terms = method.loss_terms(eng, batch, reference if method.needs_reference() else None)
-        eng.backward(terms["loss/total"])
+        with packed_attention.active(batch["layout"]):  # activation checkpointing recomputes with it
+            eng.backward(terms["loss/total"])
         loss += terms["loss/total"].item() / len(batches)
         if micro < len(batches) - 1:
             eng.step()  # inside the accumulation window: counts the micro-step, leaves the weights

@@ -10,6 +10,7 @@ from deepspeed.utils import safe_get_full_grad
 from wpn_dist.app import distributed, engine, models
 from wpn_dist.app.config import TrainArguments
 from wpn_dist.app.data import encode_examples, pack_batch, read_jsonl
+from wpn_dist.core import packed_attention
 from wpn_dist.core.methods import build_method, method_class
 
 models_arg, rows_arg, out_path = sys.argv[-3:]
@@ -26,12 +27,15 @@ for model_name in models_arg.split(","):
     model = models.load_model(model_name, tokenizer, init="random", seed=0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    packed_attention.install(model)
     train = TrainArguments(micro_batch_size=max(rows), steps=2, ds_config="zero3")
     eng, _, _ = engine.initialize(model, engine.build_ds_config(train, 1e-3, distributed.world_size()))
     assert eng.zero_optimization_stage() == 3
     eng.train()
-    terms = method.loss_terms(eng, pack_batch(mine, tokenizer.pad_token_id))
-    eng.backward(terms["loss/total"])
+    batch = pack_batch(mine, tokenizer.pad_token_id)
+    terms = method.loss_terms(eng, batch)
+    with packed_attention.active(batch["layout"]):
+        eng.backward(terms["loss/total"])
     grads = {}
     for name, param in eng.module.named_parameters():  # collective under ZeRO-3: every rank, same order
         grads[name] = safe_get_full_grad(param).detach().clone().float()

@@ -87,6 +87,10 @@ class TrainArguments:
         "help": "DeepSpeed config: a name from ds_configs/ (zero2, zero3, zero3_offload) or a JSON path."})
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "Training precision."})
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    batch_layout: Literal["packed", "padded"] = field(default="packed", metadata={
+        "help": "packed: one row of each micro-batch's distinct tokens, every prompt encoded once and no padding "
+                "(exact: the same loss and gradients as padded); padded: one padded row per sequence (the old "
+                "layout, for comparison; also the fallback for architectures packed attention does not know)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and initialisation."})
     log_every: int = field(default=10, metadata={"help": "Steps between log rows."})
     save_every: int = field(default=0, metadata={"help": "Steps between checkpoints (0: only at the end)."})

@@ -182,46 +182,63 @@ def encode_examples(examples: list, tokenizer, prompt_format: str, max_length: i
 
 # --- batching --------------------------------------------------------------------------------
 
-def pack_batch(batch: list, pad_id: int, extra_rows: dict | None = None) -> dict:
-    """One padded batch holding every sequence of the micro-batch: B positives first, then all
-    negatives, then any ``extra_rows`` groups (name -> list of EncodedPair: normal data, random answers,
-    generated anchors), so that a single forward pass serves the whole loss.
+def _shares(pair: EncodedPair, parent: EncodedPair, length: int) -> int:
+    """How many of ``pair``'s first tokens it may read from ``parent``: ``length`` if they are the
+    same tokens (they are when both were encoded from the same prompt text), else 0."""
+    length = min(length, len(pair.input_ids), len(parent.input_ids))
+    return length if length > 0 and pair.input_ids[:length] == parent.input_ids[:length] else 0
 
-    Keys: input_ids/attention_mask [S,T]; response_mask [S,T] (response tokens); labels [S,T] (the
-    response tokens, -100 elsewhere); prompt_mask [B,T] (prompt tokens of the positive rows);
-    negative_rows [B,K] (row of each negative in the packed batch) and negative_mask [B,K];
-    example_ids [B]; and ``<name>_rows`` [n] for each extra group."""
-    extra_rows = extra_rows or {}
-    pairs = [e.positive for e in batch] + [n for e in batch for n in e.negatives]
-    for group in extra_rows.values():
-        pairs += group
-    length = max(len(p.input_ids) for p in pairs)
-    num_rows = len(pairs)
-    input_ids = torch.full((num_rows, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((num_rows, length), dtype=torch.long)
-    response = torch.zeros((num_rows, length), dtype=torch.long)
-    for row, p in enumerate(pairs):
-        n = len(p.input_ids)
-        input_ids[row, :n] = torch.tensor(p.input_ids)
-        attention[row, :n] = 1
-        response[row, p.prompt_length:n] = 1
+
+def pack_batch(batch: list, pad_id: int, extra_rows: dict | None = None, layout: str = "packed",
+               owners: dict | None = None, positive_responses: bool = True) -> dict:
+    """One batch holding every sequence of the micro-batch: B positives first, then all negatives,
+    then any ``extra_rows`` groups (name -> list of EncodedPair: normal data, random answers,
+    generated anchors, recovery rows), so that a single forward pass serves the whole loss.
+    ``owners`` (name -> the example index of each row, or None) says which example's prompt a
+    group's rows start with; recovery rows start with their example's first harmful response cut
+    at their ``prompt_length``. In the packed layout those starts are encoded once.
+    ``positive_responses=False`` (a method that never reads them, e.g. GA) keeps only each positive's
+    prompt, which its negatives still share.
+
+    Keys: ``layout`` (wpn_dist.core.packing.Layout: the model input and where each sequence lies);
+    negative_rows [B,K] (row of each negative) and negative_mask [B,K]; example_ids [B]; and
+    ``<name>_rows`` [n] for each extra group."""
+    from ..core.packing import Layout, Sequence
+    extra_rows, owners = extra_rows or {}, owners or {}
     batch_size = len(batch)
-    prompt = attention[:batch_size] - response[:batch_size]
+    sequences = [Sequence(e.positive.input_ids if positive_responses else e.positive.input_ids[:e.positive.prompt_length],
+                          e.positive.prompt_length) for e in batch]
+    first_negative = []
+    for i, e in enumerate(batch):
+        first_negative.append(len(sequences))
+        for n in e.negatives:
+            sequences.append(Sequence(n.input_ids, n.prompt_length, i, _shares(n, e.positive, n.prompt_length)))
+    packed = {}
+    for name, group in extra_rows.items():
+        start = len(sequences)
+        for pair, owner in zip(group, owners.get(name) or [None] * len(group)):
+            if owner is None:
+                sequences.append(Sequence(pair.input_ids, pair.prompt_length))
+            elif name == "recovery":
+                parent = first_negative[owner]
+                shared = _shares(pair, batch[owner].negatives[0], pair.prompt_length)
+                sequences.append(Sequence(pair.input_ids, pair.prompt_length, parent, shared))
+            else:
+                shared = _shares(pair, batch[owner].positive, batch[owner].positive.prompt_length)
+                sequences.append(Sequence(pair.input_ids, pair.prompt_length, owner, shared))
+        packed[f"{name}_rows"] = torch.arange(start, len(sequences), dtype=torch.long)
+    for s in sequences:
+        if s.shared == 0:
+            s.parent = -1
     max_neg = max(len(e.negatives) for e in batch)
     negative_rows = torch.zeros((batch_size, max_neg), dtype=torch.long)
     negative_mask = torch.zeros((batch_size, max_neg), dtype=torch.bool)
-    row = batch_size
     for i, e in enumerate(batch):
         for k in range(len(e.negatives)):
-            negative_rows[i, k], negative_mask[i, k] = row, True
-            row += 1
-    packed = {"input_ids": input_ids, "attention_mask": attention, "response_mask": response,
-              "labels": input_ids.masked_fill(response == 0, -100), "prompt_mask": prompt,
-              "negative_rows": negative_rows, "negative_mask": negative_mask,
-              "example_ids": torch.tensor([e.example_id for e in batch], dtype=torch.long)}
-    for name, group in extra_rows.items():
-        packed[f"{name}_rows"] = torch.arange(row, row + len(group), dtype=torch.long)
-        row += len(group)
+            negative_rows[i, k], negative_mask[i, k] = first_negative[i] + k, True
+    packed.update({"layout": Layout(sequences, layout, pad_id), "negative_rows": negative_rows,
+                   "negative_mask": negative_mask,
+                   "example_ids": torch.tensor([e.example_id for e in batch], dtype=torch.long)})
     return packed
 
 
@@ -285,8 +302,10 @@ class BatchMaker:
     ``num_tokens`` (this batch's counted tokens, for throughput)."""
 
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
-                 groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0):
+                 groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0,
+                 layout: str = "packed", positive_responses: bool = True):
         self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
+        self.layout, self.positive_responses = layout, positive_responses
         self.recovery_cuts = recovery_cuts if "recovery" in groups else 0
         self.prompt_format, self.max_length = prompt_format, max_length
         self.examples = {e.example_id: e for e in examples}
@@ -362,9 +381,11 @@ class BatchMaker:
         return self._pack(batch, extra)
 
     def _pack(self, batch: list, extra: dict) -> dict:
-        packed = pack_batch(batch, self.tokenizer.pad_token_id, extra)
-        if "recovery" in extra:  # where each recovery row is cut, and whose harmful response it cuts
-            packed["recovery_cut"] = torch.tensor([p.prompt_length for p in extra["recovery"]], dtype=torch.long)
+        per_example = {"recovery": self.recovery_cuts, "anchor": 1, "random": 1}
+        owners = {name: [i for i in range(len(batch)) for _ in range(per_example[name])]
+                  for name in extra if name in per_example}
+        packed = pack_batch(batch, self.tokenizer.pad_token_id, extra, self.layout, owners, self.positive_responses)
+        if "recovery" in extra:  # whose harmful response each recovery row cuts
             packed["recovery_example"] = torch.arange(len(batch)).repeat_interleave(self.recovery_cuts)
         return packed
 
@@ -380,25 +401,39 @@ class BatchMaker:
         num_micro, world = len(plan), len(plan[0])
         seen, counts, mine = set(), {}, []
         for micro in range(num_micro):
+            seen_in_micro, shapes = set(), []
             for r in range(world):
                 indices = plan[micro][r]
-                first_copy = []
+                first_copy, first_in_micro = [], []
                 for i in indices:
                     example_id = self.encoded[i].example_id
                     first_copy.append(example_id not in seen)
+                    first_in_micro.append(example_id not in seen_in_micro)
                     seen.add(example_id)
+                    seen_in_micro.add(example_id)
+                shapes.append((len(indices), max((len(self.encoded[i].negatives) for i in indices), default=0)))
                 batch, extra, weights = self._rows_with_weights(indices, first_copy, step)
                 _add_counts(counts, batch, extra, weights)
                 if r == rank:
-                    mine.append((batch, extra, weights))
+                    mine.append((batch, extra, weights, first_in_micro))
+            # What the N-pair loss's gather needs, known here for every rank: no collective to find it.
+            mine[-1] += ((max(b for b, _ in shapes), max(k for _, k in shapes)),)
         scale = num_micro * world
         normalizers = {key: max(value, 1.0) / scale for key, value in counts.items()}
         out = []
-        for batch, extra, weights in mine:
+        for batch, extra, weights, first_in_micro, gather_shape in mine:
             packed = self._pack(batch, extra)
             packed["row_weights"] = torch.tensor(weights, dtype=torch.float32)
             packed["normalizers"] = normalizers
-            packed["num_tokens"] = int(sum(w * n for w, n in zip(weights, packed["attention_mask"].sum(1).tolist())))
+            # Negatives that count in the micro-step's global pool: an example's first copy in it.
+            first = torch.tensor(first_in_micro, dtype=torch.bool)
+            packed["negative_first"] = packed["negative_mask"] & first[:, None]
+            packed["gather_shape"] = gather_shape
+            if self.recovery_cuts:
+                packed["recovery_first"] = first.repeat_interleave(self.recovery_cuts)[:, None]
+                packed["recovery_gather_shape"] = (gather_shape[0] * self.recovery_cuts, 1)
+            # tokens the forward computes for counted rows (a shared start counts where it is computed)
+            packed["num_tokens"] = int(sum(w * n for w, n in zip(weights, packed["layout"].own_tokens().tolist())))
             out.append(packed)
         return out
 

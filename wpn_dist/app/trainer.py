@@ -24,6 +24,7 @@ import torch
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                         category=FutureWarning)
 
+from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
 from . import distributed, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
@@ -111,7 +112,7 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         normal_rows = world.normal_rows() if data.normal_data == "toy" else user_normal_rows
         notes += f"; {len(normal_rows)} normal rows from {data.normal_data}"
     batches = BatchMaker(encoded, examples, tokenizer, data.prompt_format, data.max_length, method.row_groups(),
-                         normal_rows, cfg.train.seed, **method.batch_options())
+                         normal_rows, cfg.train.seed, layout=cfg.train.batch_layout, **method.batch_options())
     evaluation = None
     if cfg.eval.evaluate and (world is not None or cfg.eval.eval_prompts or heldout):
         evaluation = evaluation_inputs(world, cfg.eval.eval_prompts, user_normal_rows, cfg.eval.judge,
@@ -247,8 +248,15 @@ class Trainer:
             # Non-reentrant: works with one packed forward per step and ZeRO-3's gradient hooks.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        reference = load() if self.method.needs_reference() else None
+        if cfg.train.batch_layout == "packed":
+            supported = packed_attention.install(model) and (reference is None or packed_attention.install(reference))
+            if not supported:
+                distributed.print0(f"wpn_dist: packed batches are not supported for {type(model).__name__}; "
+                                   f"using --batch_layout padded")
+                self.inputs.batches.layout = "padded"
         engine, _, _ = engine_lib.initialize(model, ds_config)
-        reference = engine_lib.initialize_reference(load(), ds_config) if self.method.needs_reference() else None
+        reference = engine_lib.initialize_reference(reference, ds_config) if reference is not None else None
         return engine, reference
 
     # --- the state a checkpoint holds beside DeepSpeed's ------------------------------------
@@ -310,16 +318,22 @@ class Trainer:
         plan = self.cursor.next_step()
         rank, num_micro = distributed.rank(), self.cfg.train.gradient_accumulation_steps
         sums, tokens = {}, 0
-        for batch in self.inputs.batches.step_batches(plan, self.step, rank):
+        batches = self.inputs.batches.step_batches(plan, self.step, rank)
+        finite = torch.ones((), dtype=torch.bool, device=self.engine.device)
+        for micro, batch in enumerate(batches):
             tokens += batch.pop("num_tokens")
-            batch = {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, self.engine.device)
             terms = self.method.loss_terms(self.engine, batch, self.reference)
             loss = self.hooks.loss(self.step, terms["loss/total"])
-            # Collective, every micro-batch: all ranks stop together, before a bad step touches the weights.
-            if distributed.all_reduce_max(int(not torch.isfinite(loss).item())):
-                distributed.fail(f"non-finite loss at step {self.step}; the last good checkpoint is "
-                                 f"{self.last_saved or 'none (no checkpoint was saved)'}, left as it was", code=3)
-            self.engine.backward(loss)
+            finite &= torch.isfinite(loss.detach())  # a device op: no host sync per micro-step
+            with packed_attention.active(batch["layout"]):  # activation checkpointing recomputes with it
+                self.engine.backward(loss)
+            if micro == len(batches) - 1:
+                # Once per optimizer step, collective: all ranks stop together, before the last
+                # engine.step() of the window applies the (non-finite) gradients to the weights.
+                if distributed.all_reduce_max(int(not finite)):
+                    distributed.fail(f"non-finite loss at step {self.step}; the last good checkpoint is "
+                                     f"{self.last_saved or 'none (no checkpoint was saved)'}, left as it was", code=3)
             self.engine.step()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / num_micro
@@ -451,6 +465,13 @@ class Trainer:
                   flush=True)
             release_lock(self.run_dir)
         return summary
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's model input and float tensors on ``device``. Row indices and masks stay on the
+    host: the methods build their index tensors there, without device synchronisation."""
+    batch["layout"] = batch["layout"].to(device)
+    return {k: v.to(device) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
 
 def eval_scalars(result: dict) -> dict:

@@ -48,7 +48,7 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
                negatives_mask: torch.Tensor | None = None, temperature: float = 0.1,
                similarity: str = "cosine", global_negatives: bool = False,
                example_ids: torch.Tensor | None = None, anchor_weights: torch.Tensor | None = None,
-               normalizer: float | None = None) -> torch.Tensor:
+               normalizer: float | None = None, gather_shape: tuple | None = None) -> torch.Tensor:
     """N-pair loss of ``anchor[B,D]`` against ``positive[B,D]`` and ``negatives[B,K,D]``.
 
     ``negatives_mask[B,K]`` (1 = real) masks padded negatives. ``example_ids[B]`` marks rows that
@@ -61,6 +61,11 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     ``anchor_weights[B]`` (optional) replaces the first-copy rule for anchors (the trainer computes it
     over a whole optimizer step); ``normalizer`` (optional) replaces the division by the global anchor
     count over ranks: the result is then ``sum_i w_i L_i / normalizer`` on this rank.
+
+    ``gather_shape`` (optional, with ``anchor_weights`` and ``normalizer``): the step plan already knows
+    every rank's shapes and which negatives are first copies; ``negatives_mask`` then holds only those,
+    (max B, max K) over the ranks is ``gather_shape``, and the loss issues exactly one collective (the
+    gather of the negatives, with their mask as an extra column) and no host synchronisation.
 
     By default returns a scalar whose mean over ranks is the mean of L_i over all valid anchors of the global
     batch. With one process that is the plain mean. Under data parallelism, where the engine averages
@@ -89,6 +94,18 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     p = _similarity_inputs(positive, similarity)
     n = _similarity_inputs(negatives, similarity)
     multi_rank = distributed.is_initialized() and distributed.world_size() > 1
+    if gather_shape is not None:
+        if anchor_weights is None or normalizer is None:
+            raise ValueError("gather_shape comes with anchor_weights and normalizer (the step plan's)")
+        positive_logit = (a * p).sum(-1) / temperature
+        if global_negatives:
+            pool_emb, pool_mask = _planned_pool(n, negatives_mask, gather_shape, multi_rank)
+            negative_logits = (a @ pool_emb.T / temperature).masked_fill(~pool_mask[None, :], float("-inf"))
+        else:
+            negative_logits = torch.einsum("bd,bkd->bk", a, n) / temperature
+            negative_logits = negative_logits.masked_fill(~negatives_mask, float("-inf"))
+        per_anchor = torch.logsumexp(torch.cat([positive_logit[:, None], negative_logits], 1), 1) - positive_logit
+        return (per_anchor * anchor_weights.to(device=device, dtype=torch.float32)).sum() / normalizer
 
     if multi_rank:
         # Shapes must agree on every rank before the gathers: pad B and K to the global maximum.
@@ -144,11 +161,26 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     return local_sum / anchor_counts.sum().clamp_min(1.0)
 
 
+def _planned_pool(n: torch.Tensor, mask: torch.Tensor, gather_shape: tuple, multi_rank: bool) -> tuple:
+    """Every rank's negatives [max_B * max_K, D] and their mask, from one gather: each rank pads its
+    [B, K, D] to the planned global shape and appends the mask as a last column."""
+    batch, num_neg, dim = n.shape
+    if not multi_rank:
+        return n.reshape(batch * num_neg, dim), mask.reshape(-1)
+    max_batch, max_neg = gather_shape
+    slots = torch.cat([n, mask[:, :, None].to(n.dtype)], dim=2)  # [B, K, D + 1]
+    padded = slots.new_zeros(max_batch, max_neg, dim + 1)
+    padded[:batch, :num_neg] = slots
+    pool = all_gather_with_grad(padded.reshape(max_batch * max_neg, dim + 1))
+    return pool[:, :dim], pool[:, dim] > 0.5
+
+
 # --- the gather the loss owns ------------------------------------------------------------------
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each rank the gradient of its own slice,
-    summed over every rank's loss (an all-reduce then a slice; gloo has no reduce-scatter)."""
+    """All-gather along dim 0 whose backward hands each rank the gradient of its own slice, summed
+    over every rank's loss: a reduce-scatter (half the bytes of an all-reduce), or on gloo, which has
+    none, an all-reduce then a slice."""
 
     @staticmethod
     def forward(ctx, tensor):
@@ -160,6 +192,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
+        if dist.get_backend() != "gloo":
+            mine = grad.new_empty((ctx.rows,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad)
+            return mine
         dist.all_reduce(grad)
         start = ctx.rank * ctx.rows
         return grad[start:start + ctx.rows]

@@ -1,47 +1,67 @@
-"""Token-level terms of the objectives: response cross-entropy and KL to a frozen reference.
+"""Token-level terms of the objectives: next-token cross-entropy and KL to a frozen reference, over
+the logits of just the positions a term needs.
+
+``logits`` [U, V] holds the model's logits at U positions; ``index`` [n] picks, for each of the
+term's n tokens, its row in ``logits`` (a position may serve several tokens: a shared prompt's last
+token predicts the first token of every response). The work is done in chunks of ``CHUNK`` tokens,
+each recomputed in backward (``torch.utils.checkpoint``), so the fp32 copy of the full-vocabulary
+logits exists for one chunk at a time, never for the whole batch.
 
 Each term is a weighted sum divided by a normalizer. Alone (no weights, no normalizer) it is the
-plain mean over the tokens it covers. In the trainer the weights are 0 for a sampler's padding copy
-of an example already counted in the optimizer step, and the normalizer is the step's global count
+plain mean over its tokens. In the trainer the weights are 0 for a sampler's padding copy of an
+example already counted in the optimizer step, and the normalizer is the step's global count
 divided by (ranks x accumulation steps): the engine then averages those local values into exactly
 the mean over the whole global batch, whatever the world size and accumulation (see
-wpn_dist.app.data.StepPlan).
+wpn_dist.app.data.BatchMaker.step_batches).
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK = 2048
 
 
-def _row_weights(rows: int, row_weights, device) -> torch.Tensor:
-    if row_weights is None:
-        return torch.ones(rows, device=device)
-    return row_weights.to(device=device, dtype=torch.float32)
+def _weights(n: int, weights, device) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(n, device=device)
+    return weights.to(device=device, dtype=torch.float32)
 
 
-def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor | None = None,
-                           normalizer: float | None = None) -> torch.Tensor:
-    """Next-token cross-entropy of the labelled tokens (labels != -100) of ``logits[R, T, V]``:
-    sum over rows of ``row_weights[r]`` x the row's token losses, divided by ``normalizer`` (default:
-    the number of weighted labelled tokens, i.e. the mean)."""
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    per_token = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                reduction="none").view(targets.shape)
-    weights = _row_weights(targets.shape[0], row_weights, per_token.device)[:, None] * (targets != -100)
-    total = (per_token * weights).sum()
-    if normalizer is None:
-        return total / weights.sum().clamp_min(1.0)
-    return total / normalizer
+def _chunked_sum(fn, logits: torch.Tensor, index: torch.Tensor, *per_token) -> torch.Tensor:
+    n = index.shape[0]
+    if n == 0:
+        return logits[:0].float().sum()  # keeps the graph: every rank produces every gradient
+    total = None
+    for start in range(0, n, CHUNK):
+        part = [index[start:start + CHUNK]] + [t[start:start + CHUNK] for t in per_token]
+        value = checkpoint(fn, logits, *part, use_reentrant=False) if logits.requires_grad else fn(logits, *part)
+        total = value if total is None else total + value
+    return total
 
 
-def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, attention: torch.Tensor,
-                    row_weights: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:
-    """KL(p_reference || p_model) of the next-token distributions, summed over attended positions
-    (weighted by row) and divided by ``normalizer`` (default: the weighted number of positions)."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    log_q = F.log_softmax(reference_logits.float(), dim=-1)
-    per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
-    weights = _row_weights(per_token.shape[0], row_weights, per_token.device)[:, None] * attention.to(per_token.dtype)
-    total = (per_token * weights).sum()
-    if normalizer is None:
-        return total / weights.sum().clamp_min(1.0)
-    return total / normalizer
+def _ce_sum(logits, index, labels, weights):
+    return (F.cross_entropy(logits[index].float(), labels, reduction="none") * weights).sum()
+
+
+def _kl_sum(logits, index, reference, weights):
+    log_p = F.log_softmax(logits[index].float(), dim=-1)
+    log_q = F.log_softmax(reference.float(), dim=-1)
+    return ((log_q.exp() * (log_q - log_p)).sum(-1) * weights).sum()
+
+
+def cross_entropy_at(logits: torch.Tensor, index: torch.Tensor, labels: torch.Tensor,
+                     weights: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """Cross-entropy of ``labels[i]`` under ``logits[index[i]]``: ``sum_i weights[i] CE_i / normalizer``
+    (default: the weighted count, i.e. the mean)."""
+    weights = _weights(index.shape[0], weights, logits.device)
+    total = _chunked_sum(_ce_sum, logits, index, labels, weights)
+    return total / (weights.sum().clamp_min(1.0) if normalizer is None else normalizer)
+
+
+def kl_at(logits: torch.Tensor, index: torch.Tensor, reference: torch.Tensor,
+          weights: torch.Tensor | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """KL(p_reference || p_model) of the next-token distributions at ``logits[index[i]]`` against
+    ``reference[i]`` [n, V]: ``sum_i weights[i] KL_i / normalizer`` (default: the weighted count)."""
+    weights = _weights(index.shape[0], weights, logits.device)
+    total = _chunked_sum(_kl_sum, logits, index, reference, weights)
+    return total / (weights.sum().clamp_min(1.0) if normalizer is None else normalizer)

@@ -29,8 +29,16 @@ POINT_DEFAULTS = {
     "negatives": 4,             # K: harmful responses (negative rows) per example
     "micro_batch": 2,           # examples per rank per step; rows per rank = micro_batch * (1 + K) (+2 per
                                 # example for ga's random-answer and normal rows)
-    "seq_len": 128,             # tokens in every row (no padding)
+    "seq_len": 128,             # tokens in every row (lengths: fixed)
     "prompt_len": None,         # tokens of the prompt part of every row (default seq_len // 4)
+    "lengths": "fixed",         # fixed: every row seq_len tokens; pku: PKU-SafeRLHF-like, each prompt
+                                # uniform in 20..80 tokens and each response in 50..300 (seq_len then only
+                                # sets the attention term of the FLOPs count)
+    "layout": "packed",         # packed: every prompt once, no padding; padded: one padded row per sequence.
+                                # lm with packed: the plain LM step over the same distinct tokens, each
+                                # sequence's own tokens a sequence of their own (the reference at equal
+                                # useful tokens)
+    "positive_lm": False,       # WPN: with its positive-LM term (weight 1), whose logits the LM head computes
     "ds_config": "zero3",       # zero0 (no ZeRO), zero2, zero3, zero3_offload (optimizer and parameters on
                                 # CPU), zero3_offload_optimizer (only the optimizer on CPU)
     "activation_checkpointing": False,  # non-reentrant recompute of every layer in backward
@@ -45,6 +53,8 @@ POINT_DEFAULTS = {
     "timeout_s": 900,           # the point fails as "timeout" after this many seconds
     "seed": 0,
 }
+LENGTHS = ("fixed", "pku")
+LAYOUTS = ("packed", "padded")
 DS_CONFIGS = ("zero0", "zero2", "zero3", "zero3_offload", "zero3_offload_optimizer")
 PRECISIONS = ("fp32", "bf16")
 _POSITIVE_INTS = ("negatives", "micro_batch", "seq_len", "world_size", "steps", "eval_every", "timeout_s")
@@ -71,6 +81,25 @@ PRESETS = {
             {"model": "tiny-gpt-neo", "method": "wpn", "negatives": 4},
             {"model": "tiny-opt", "method": "wpn", "negatives": 4, "ds_config": "zero2"},
             {"model": "tiny-opt", "method": "wpn", "negatives": 4, "world_size": 2},
+        ],
+    },
+    # The step's waste at PKU-like lengths on CPU: old (padded) and new (packed) layout, K = 2, 4, 8, WPN with
+    # and without its positive-LM term, and the lm reference over the same useful tokens.
+    "cpu-pku": {
+        "defaults": {"model": "mini-opt", "lengths": "pku", "seq_len": 256, "micro_batch": 2, "steps": 4,
+                     "warmup_steps": 1, "timeout_s": 600},
+        "sweeps": [
+            {"method": "wpn", "negatives": [2, 4, 8], "layout": ["packed", "padded"], "positive_lm": [False, True]},
+            {"method": "lm", "negatives": [2, 4, 8], "layout": "packed"},
+        ],
+    },
+    # The same on the GPU at OPT-1.3B in bf16 (for the GPU issue; not measured yet).
+    "gpu-pku": {
+        "defaults": {**_GPU, "model": "opt-1.3b", "lengths": "pku", "seq_len": 256, "ds_config": "zero3",
+                     "micro_batch": 8},
+        "sweeps": [
+            {"method": "wpn", "negatives": [2, 4, 8], "layout": ["packed", "padded"], "positive_lm": [False, True]},
+            {"method": "lm", "negatives": [2, 4, 8], "layout": "packed"},
         ],
     },
     # WPN against the lm ceiling at OPT-1.3B: ZeRO stage, micro-batch, recompute.
@@ -161,7 +190,7 @@ def complete(point: dict) -> dict:
     """The point with every default filled in; fields that do not apply to a toy run are None."""
     full = {**POINT_DEFAULTS, **point}
     if full["toy"]:
-        for name in ("negatives", "seq_len", "prompt_len", "global_negatives"):
+        for name in ("negatives", "seq_len", "prompt_len", "global_negatives", "lengths", "layout", "positive_lm"):
             full[name] = None
     elif full["prompt_len"] is None and isinstance(full["seq_len"], int):
         full["prompt_len"] = full["seq_len"] // 4
@@ -184,6 +213,8 @@ def label(point: dict) -> str:
                  f"T{point['seq_len']}", str(point["ds_config"]), str(point["precision"]), f"w{point['world_size']}"]
         if point["activation_checkpointing"]:
             parts.append("ckpt")
+        parts += [p for p, on in (("pku", point["lengths"] == "pku"), ("padded", point["layout"] == "padded"),
+                                  ("lm", point["positive_lm"])) if on]
     return "-".join(parts)
 
 
@@ -201,6 +232,10 @@ def problem(point: dict) -> str | None:
         return f"model {point['model']!r} is not a name of wpn_dist.models.MODEL_SPECS ({', '.join(MODEL_SPECS)})"
     if point["ds_config"] not in DS_CONFIGS:
         return f"ds_config {point['ds_config']!r} is not one of {', '.join(DS_CONFIGS)}"
+    if not point["toy"] and point["lengths"] not in LENGTHS:
+        return f"lengths {point['lengths']!r} is not one of {', '.join(LENGTHS)}"
+    if not point["toy"] and point["layout"] not in LAYOUTS:
+        return f"layout {point['layout']!r} is not one of {', '.join(LAYOUTS)}"
     if point["precision"] not in PRECISIONS:
         return f"precision {point['precision']!r} is not one of {', '.join(PRECISIONS)}"
     for name in _POSITIVE_INTS:

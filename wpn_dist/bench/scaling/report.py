@@ -22,10 +22,12 @@ COLUMNS = [
     # the model
     "num_params", "num_layers", "hidden_size", "vocab_size", "zero_stage",
     # what one step processes (all ranks)
-    "rows_per_step", "tokens_per_step", "reference_tokens_per_step",
+    "rows_per_step", "tokens_per_step", "executed_tokens_per_step", "useful_token_fraction",
+    "reference_tokens_per_step",
     # time
     "step_time_median_s", "step_time_p25_s", "step_time_p75_s", "step_time_min_s", "step_time_max_s",
-    "steps_timed", "tokens_per_s", "tokens_per_s_per_gpu", "tokens_per_s_vs_lm",
+    "steps_timed", "tokens_per_s", "tokens_per_s_per_gpu", "tokens_per_s_vs_lm", "step_time_vs_padded",
+    "peak_memory_vs_padded",
     # FLOPs and utilisation
     "model_flops_per_step", "hardware_flops_per_step", "model_tflops_per_gpu", "hardware_tflops_per_gpu",
     "peak_tflops_per_gpu", "mfu", "hfu",
@@ -79,9 +81,15 @@ def with_estimates(rows: list) -> list:
 
 def with_lm_ratio(rows: list) -> list:
     """Rows with ``tokens_per_s_vs_lm``: a method's tokens/s over that of the ``lm`` row whose config is
-    the same apart from the method (for wpn the same packed batch: the 90%-of-lm speed target)."""
+    the same apart from the method and its options (packed: the LM step over the same distinct tokens;
+    padded: over the same padded batch). And ``step_time_vs_padded`` / ``peak_memory_vs_padded``: the
+    padded row of the same config over a packed one."""
     def key(row):
-        return tuple(json.dumps(row.get(k)) for k in POINT_DEFAULTS if k != "method")
+        return tuple(json.dumps(row.get(k)) for k in POINT_DEFAULTS if k not in ("method", "positive_lm"))
+
+    def same_but_layout(row):
+        return tuple(json.dumps(row.get(k)) for k in POINT_DEFAULTS if k != "layout")
+    padded = {same_but_layout(r): r for r in rows if r.get("layout") == "padded" and r.get("status") == "ok"}
     lm = {key(r): r["tokens_per_s"] for r in rows
           if r.get("method") == "lm" and r.get("status") == "ok" and not r.get("toy") and r.get("tokens_per_s")}
     out = []
@@ -90,6 +98,11 @@ def with_lm_ratio(rows: list) -> list:
         if row.get("method") != "lm" and row.get("status") == "ok" and not row.get("toy") and key(row) in lm \
                 and row.get("tokens_per_s"):
             row["tokens_per_s_vs_lm"] = row["tokens_per_s"] / lm[key(row)]
+        old = padded.get(same_but_layout(row))
+        if row.get("layout") == "packed" and row.get("status") == "ok" and old is not None:
+            row["step_time_vs_padded"] = old["step_time_median_s"] / row["step_time_median_s"]
+            if old.get("peak_memory_gib") and row.get("peak_memory_gib"):
+                row["peak_memory_vs_padded"] = old["peak_memory_gib"] / row["peak_memory_gib"]
         out.append(row)
     return out
 

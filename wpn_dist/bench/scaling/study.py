@@ -17,9 +17,15 @@ rebuilt from all rows (wpn_dist/bench/scaling/report.py); ``--project`` adds ``D
 (wpn_dist/bench/scaling/project.py). Logs of every launch are kept in ``DIR/logs/``.
 
 What is counted (docs/benchmarks.md has the formulas and citations):
-- ``tokens_per_step``: real (non-pad) tokens of every row in the trained model's forward on all ranks,
-  i.e. micro_batch x (1 + K) rows (ga: + 2 x micro_batch) x seq_len x world_size; ``tokens_per_s`` is
-  that over the median step time. The frozen reference's forward tokens (ga, icu) are counted apart.
+- ``tokens_per_step``: the useful tokens of a step on all ranks: the distinct tokens of its sequences
+  (every response, one prompt per example; ga's random answers and normal rows), whatever the layout;
+  ``tokens_per_s`` is that over the median step time, so layouts and methods compare at equal data.
+  ``executed_tokens_per_step``: the tokens the forward runs over (packed: the same; padded: every row
+  padded to the longest, each prompt once per row); ``useful_token_fraction`` = useful / executed.
+  The frozen reference's forward tokens (ga, icu) are counted apart.
+- ``tokens_per_s_vs_lm``: tokens/s over that of the lm point of the same config, which (packed) is the
+  plain LM step over the same distinct tokens; ``step_time_vs_padded`` and ``peak_memory_vs_padded``:
+  the padded point of the same config over this one (> 1: this one is faster, smaller).
 - step time: between device synchronisations, slowest rank, after ``warmup_steps`` untimed steps.
 """
 import json
@@ -295,12 +301,14 @@ def table(rows: list) -> str:
     def fmt(value, spec):
         width = int(spec.split(".")[0])
         return f"{'-':>{width}}" if value is None else format(value, spec)
-    lines = [f"{'point':58} {'status':7} {'step s':>8} {'tokens/s':>10} {'vs lm':>6} {'TFLOP/s':>8} {'MFU %':>6} "
-             f"{'mem GiB':>8} {'unlearn s':>9}"]
+    lines = [f"{'point':58} {'status':7} {'useful':>6} {'step s':>8} {'tokens/s':>10} {'vs lm':>6} {'vs pad':>6} "
+             f"{'TFLOP/s':>8} {'MFU %':>6} {'mem GiB':>8} {'unlearn s':>9}"]
     for r in rows:
         mfu = 100 * r["mfu"] if r.get("mfu") is not None else None
-        lines.append(f"{r['label'][:58]:58} {r['status']:7} {fmt(r.get('step_time_median_s'), '8.4f')} "
+        lines.append(f"{r['label'][:58]:58} {r['status']:7} {fmt(r.get('useful_token_fraction'), '6.3f')} "
+                     f"{fmt(r.get('step_time_median_s'), '8.4f')} "
                      f"{fmt(r.get('tokens_per_s'), '10.0f')} {fmt(r.get('tokens_per_s_vs_lm'), '6.2f')} "
+                     f"{fmt(r.get('step_time_vs_padded'), '6.2f')} "
                      f"{fmt(r.get('model_tflops_per_gpu'), '8.3f')} {fmt(mfu, '6.1f')} "
                      f"{fmt(r.get('peak_memory_gib'), '8.2f')} {fmt(r.get('time_to_unlearn_s'), '9.1f')}")
     return "\n".join(lines)

@@ -7,8 +7,9 @@ DeepSpeed launcher (``wpn_dist.scaling`` does this)::
 What it does: builds the point's model with random weights (the spec's own vocabulary, so the
 embedding and LM head have their real size), wraps it in a DeepSpeed engine configured from
 ``ds_configs/`` exactly as train.py does (plus the frozen reference engine for ga and icu), makes
-synthetic packed batches whose every row has exactly ``seq_len`` random tokens (a ``prompt_len``
-prompt, then the response; K negatives per example sharing the example's prompt), and runs
+synthetic batches of random tokens in the point's layout (every row ``seq_len`` tokens with a
+``prompt_len`` prompt, or PKU-like lengths; K negatives per example sharing the example's prompt),
+and runs
 ``warmup_steps + steps`` steps of ``methods.loss_terms`` + ``engine.backward`` + ``engine.step``.
 Each step is timed between device synchronisations (torch.cuda.synchronize on GPU); the time of a
 step is the slowest rank's. Rank 0 writes the raw measurements as JSON to ``--result``.
@@ -30,6 +31,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
                         category=FutureWarning)
 
 from wpn_dist.app import distributed  # noqa: E402
+from wpn_dist.core import packed_attention  # noqa: E402
 from wpn_dist.app.options import OptionError, parse_options  # noqa: E402
 
 LR = 1e-5
@@ -54,10 +56,11 @@ class CountingReference:
     """The frozen reference engine, counting the tokens it is fed (for the FLOPs of its forward)."""
 
     def __init__(self, engine):
-        self.engine, self.tokens = engine, 0
+        self.engine, self.module, self.tokens = engine, engine.module, 0
 
     def __call__(self, **inputs):
-        self.tokens += int(inputs["attention_mask"].sum())
+        packed = "position_ids" in inputs  # packed: every token of the row is real
+        self.tokens += int(inputs["input_ids"].numel() if packed else inputs["attention_mask"].sum())
         return self.engine(**inputs)
 
 
@@ -92,29 +95,63 @@ def ds_config_for(point: dict, world_size: int) -> dict:
     return apply_variant(engine.build_ds_config(train, LR, world_size), name)
 
 
-def synthetic_batch(point: dict, vocab_size: int, groups: tuple, rank: int, step: int) -> dict:
-    """A packed batch (data.pack_batch) of random token ids: micro_batch examples, each a positive and
-    K negatives sharing its prompt, plus micro_batch rows per extra group of the method (ga: random
-    answers to the example's prompt, normal rows with their own prompt). No row is padded."""
+PKU_PROMPT_TOKENS, PKU_RESPONSE_TOKENS = (20, 80), (50, 300)  # uniform ranges of lengths "pku"
+
+
+def synthetic_batch(point: dict, vocab_size: int, groups: tuple, rank: int, step: int,
+                    positive_responses: bool = True) -> dict:
+    """A batch (data.pack_batch, in the point's layout) of random token ids: micro_batch examples, each
+    a positive and K negatives sharing its prompt, plus micro_batch rows per extra group of the method
+    (ga: random answers to the example's prompt, normal rows with their own prompt). Lengths: every
+    row ``seq_len`` tokens with a ``prompt_len`` prompt, or PKU-like (prompt 20..80, each response
+    50..300 tokens, uniform). The same seed gives the same tokens in either layout."""
     from wpn_dist.app.data import EncodedExample, EncodedPair, pack_batch
     generator = torch.Generator().manual_seed(point["seed"] * 1_000_003 + rank * 10_007 + step)
-    length, prompt_len = point["seq_len"], point["prompt_len"]
 
     def tokens(n: int) -> list:
         return torch.randint(FIRST_ORDINARY_ID, vocab_size, (n,), generator=generator).tolist()
 
+    def uniform(bounds: tuple) -> int:
+        return int(torch.randint(bounds[0], bounds[1] + 1, (1,), generator=generator))
+
+    pku = point["lengths"] == "pku"
+
+    def new_prompt() -> list:
+        return tokens(uniform(PKU_PROMPT_TOKENS) if pku else point["prompt_len"])
+
     def row(prompt: list) -> EncodedPair:
-        return EncodedPair(prompt + tokens(length - prompt_len), prompt_len)
+        return EncodedPair(prompt + tokens(uniform(PKU_RESPONSE_TOKENS) if pku else point["seq_len"] - len(prompt)),
+                           len(prompt))
 
     examples, prompts = [], []
     for i in range(point["micro_batch"]):
-        prompt = tokens(prompt_len)
+        prompt = new_prompt()
         prompts.append(prompt)
         examples.append(EncodedExample(rank * point["micro_batch"] + i, row(prompt),
                                        [row(prompt) for _ in range(point["negatives"])]))
-    extra = {group: [row(prompt if group != "normal" else tokens(prompt_len)) for prompt in prompts]
-             for group in groups}
-    return pack_batch(examples, PAD_ID, extra)
+    extra = {group: [row(prompt if group != "normal" else new_prompt()) for prompt in prompts] for group in groups}
+    owners = {group: list(range(len(prompts))) for group in groups if group != "normal"}
+    batch = pack_batch(examples, PAD_ID, extra, layout=point["layout"], owners=owners,
+                       positive_responses=positive_responses)
+    if point["method"] == "lm" and point["layout"] == "packed":
+        batch = useful_tokens_batch(batch)
+    return batch
+
+
+def useful_tokens_batch(batch: dict) -> dict:
+    """The lm reference at equal useful tokens: each sequence's own tokens (without the start it shares)
+    as a sequence of its own, packed without padding; the LM step then runs over exactly the distinct
+    tokens the WPN step computes."""
+    from wpn_dist.core.packing import Layout, Sequence
+    layout = batch["layout"]
+    own = [Sequence(s.token_ids[s.shared if s.parent >= 0 else 0:], 0) for s in layout.sequences]
+    return {**batch, "layout": Layout(own, "packed", layout.pad_id)}
+
+
+def useful_tokens(layout) -> int:
+    """Distinct tokens of the batch: every sequence's tokens, a start shared with another counted once
+    (response tokens plus one prompt per example, in a batch of positives and negatives)."""
+    return sum(len(s.token_ids) - (s.shared if s.parent >= 0 else 0) for s in layout.sequences)
 
 
 def peak_memory() -> dict:
@@ -127,11 +164,12 @@ def peak_memory() -> dict:
 
 
 def _point_options(options_class, point: dict):
-    """The method's options for a scaling point: its defaults, with WPN's auxiliary LM and recovery terms
-    off (the synthetic batch has no recovery rows: the point measures the N-pair step itself) and its
+    """The method's options for a scaling point: its defaults, with WPN's recovery terms off (the
+    synthetic batch has no recovery rows), its positive-LM term on only if the point says so, and its
     negatives local or global as the point says."""
     names = {f.name for f in dataclasses.fields(options_class)}
-    given = {"positive_lm_weight": 0.0, "recovery_cuts": 0, "global_negatives": bool(point["global_negatives"])}
+    given = {"positive_lm_weight": 1.0 if point.get("positive_lm") else 0.0, "recovery_cuts": 0,
+             "global_negatives": bool(point["global_negatives"])}
     return options_class(**{k: v for k, v in given.items() if k in names})
 
 
@@ -139,7 +177,8 @@ def measure(point: dict) -> dict:
     from wpn_dist.app import engine as engine_lib, models
     from wpn_dist.core.methods import build_method, method_class
     spec = models.MODEL_SPECS[point["model"]]
-    if point["seq_len"] > spec.max_positions:
+    longest = PKU_PROMPT_TOKENS[1] + PKU_RESPONSE_TOKENS[1] if point["lengths"] == "pku" else point["seq_len"]
+    if longest > spec.max_positions:
         raise ValueError(f"seq_len {point['seq_len']} is longer than {spec.name}'s {spec.max_positions} positions")
     on_gpu = not distributed.on_cpu()
     distributed.init()
@@ -153,19 +192,25 @@ def measure(point: dict) -> dict:
     if point["activation_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if point["layout"] == "packed" and not packed_attention.install(model):
+        raise ValueError(f"{spec.name}: packed attention does not support this architecture; use layout: padded")
     engine, _, _ = engine_lib.initialize(model, ds_config)
     method = build_method(point["method"], _point_options(method_class(point["method"]).Options, point))
     reference = None
     if method.needs_reference():
-        reference = CountingReference(engine_lib.initialize_reference(
-            models.load_model(spec.name, vocab, init="random", dtype=dtype, seed=point["seed"]), ds_config))
+        reference_model = models.load_model(spec.name, vocab, init="random", dtype=dtype, seed=point["seed"])
+        packed_attention.install(reference_model)
+        reference = CountingReference(engine_lib.initialize_reference(reference_model, ds_config))
     setup_s = time.perf_counter() - started
 
     total = point["warmup_steps"] + point["steps"]
     groups = method.row_groups()
-    batches = [synthetic_batch(point, spec.vocab_size, groups, rank, step) for step in range(total)]
-    tokens = int(batches[0]["attention_mask"].sum())
-    rows = int(batches[0]["input_ids"].shape[0])
+    positive_responses = method.batch_options().get("positive_responses", True)
+    batches = [synthetic_batch(point, spec.vocab_size, groups, rank, step, positive_responses)
+               for step in range(total)]
+    tokens = sum(useful_tokens(b["layout"]) for b in batches) // total  # per step, this rank
+    executed = sum(b["layout"].num_executed_tokens() for b in batches) // total
+    rows = len(batches[0]["layout"].sequences)
 
     def sync():
         if on_gpu:
@@ -178,9 +223,12 @@ def measure(point: dict) -> dict:
     for cpu_batch in batches:
         sync()
         t0 = time.perf_counter()
-        batch = {k: v.to(engine.device) for k, v in cpu_batch.items()}
+        batch = {k: v.to(engine.device) if torch.is_tensor(v) and v.is_floating_point() else v
+                 for k, v in cpu_batch.items()}
+        batch["layout"] = batch["layout"].to(engine.device)
         terms = method.loss_terms(engine, batch, reference)
-        engine.backward(terms["loss/total"])
+        with packed_attention.active(batch["layout"]):
+            engine.backward(terms["loss/total"])
         engine.step()
         sync()
         times.append(time.perf_counter() - t0)
@@ -189,11 +237,14 @@ def measure(point: dict) -> dict:
 
     # Collective: every rank's numbers, combined on every rank.
     ranks = distributed.gather_objects({"times": times, "losses": losses, "tokens": tokens, "rows": rows,
+                                        "executed": executed,
                                         "reference_tokens": reference_tokens, **peak_memory()})
     step_times = [max(r["times"][i] for r in ranks) for i in range(total)]
     result = {"setup_s": setup_s, "step_times_s": step_times[point["warmup_steps"]:],
               "warmup_step_times_s": step_times[:point["warmup_steps"]],
               "rows_per_step": sum(r["rows"] for r in ranks), "tokens_per_step": sum(r["tokens"] for r in ranks),
+              "executed_tokens_per_step": sum(r["executed"] for r in ranks),
+              "useful_token_fraction": sum(r["tokens"] for r in ranks) / sum(r["executed"] for r in ranks),
               "reference_tokens_per_step": sum(r["reference_tokens"] for r in ranks),
               "loss_first": sum(r["losses"][0] for r in ranks) / world,
               "loss_last": sum(r["losses"][-1] for r in ranks) / world,

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import torch
 
+from ..token_losses import cross_entropy_at, kl_at
+
 
 class TrainingRun(Protocol):
     """What a hook may see and change of the run that calls it (the trainer implements it)."""
@@ -63,7 +65,8 @@ class Method:
         return False
 
     def batch_options(self) -> dict:
-        """Keyword options of the batch maker for the method's row groups (e.g. WPN's recovery cuts)."""
+        """Keyword options of the batch maker (wpn_dist.app.data.BatchMaker) for the method's rows: e.g.
+        WPN's ``recovery_cuts``, or ``positive_responses=False`` for a method that never reads them."""
         return {}
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
@@ -81,6 +84,82 @@ class Method:
 
 
 # --- helpers the methods share ---------------------------------------------------------------
+# A batch's ``layout`` (wpn_dist.core.packing.Layout) says where each sequence lies in the model's
+# input; the methods address sequences by row (positives first, then negatives, then the extra
+# groups), whatever the layout.
+
+class Outputs:
+    """One forward's results: hidden states by flat position, and the logits kept for the positions
+    the terms asked for (``logits_at``/``index``)."""
+
+    def __init__(self, out, layout, kept: torch.Tensor | None):
+        self.out, self.layout, self.kept = out, layout, kept
+        # padded layout: full logits [S*T, V], indexed by flat position; packed: logits at ``kept``
+        self.logits = None if out.logits is None else out.logits.flatten(0, 1)
+
+    def hidden(self, layer: int) -> torch.Tensor:
+        return self.out.hidden_states[layer].flatten(0, 1)
+
+    def index(self, tokens) -> torch.Tensor:
+        """Rows of ``self.logits`` holding the logits at ``tokens.flat``."""
+        if self.kept is None:
+            return tokens.flat
+        return torch.searchsorted(self.kept, tokens.flat)
+
+    def logits_at(self, tokens) -> torch.Tensor:
+        return self.logits[self.index(tokens)]
+
+
+def forward(model, batch: dict, hidden_states: bool = False, logits_for=()) -> Outputs:
+    """One forward over the whole batch. ``logits_for``: the Tokens whose positions need logits. In
+    the packed layout only those positions go through the LM head (transformers' ``logits_to_keep``
+    with an index); the padded layout keeps every position, as it always did; with none asked, only
+    the last position's logits are computed."""
+    from ..packed_attention import active, installed
+    layout = batch["layout"]
+    if layout.kind == "packed" and not installed(model):
+        raise RuntimeError("a packed batch needs a model with packed attention: call "
+                           "wpn_dist.core.packed_attention.install(model) first, or use the padded layout")
+    wanted = [t.flat_host for t in logits_for]
+    kept, keep = None, 1
+    if wanted and layout.kind == "padded":
+        keep = 0
+    elif wanted:
+        kept_host = torch.unique(torch.cat(wanted))  # sorted; on the host: no device sync
+        kept, keep = kept_host.to(layout.device), kept_host.to(layout.device)
+    with active(layout):
+        out = model(**layout.model_inputs(), output_hidden_states=hidden_states, logits_to_keep=keep)
+    return Outputs(out, layout, kept)
+
+
+@torch.no_grad()
+def reference_logits(reference, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+    """The frozen reference's logits at every token of ``rows`` (row-major, as
+    ``layout.every_token(rows)``), from a forward over those rows only."""
+    sub = batch["layout"].select(rows)
+    tokens = sub.every_token(range(len(sub.sequences)))
+    return forward(reference, {"layout": sub}, logits_for=[tokens]).logits_at(tokens)
+
+
+def token_weights(batch: dict, rows: torch.Tensor, tokens):
+    """Per-token weights: the weight of the row each of ``tokens`` belongs to (None: all 1)."""
+    weights = batch.get("row_weights")
+    if weights is None:
+        return None
+    return weights[rows.to(weights.device)[tokens.row.to(weights.device)]]
+
+
+def cross_entropy(outputs: Outputs, batch: dict, rows: torch.Tensor, tokens, key: str) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``tokens`` (targets of ``rows``), normalised by the step's ``key``."""
+    return cross_entropy_at(outputs.logits, outputs.index(tokens), tokens.labels,
+                            token_weights(batch, rows, tokens), normalizer(batch, key))
+
+
+def kl(outputs: Outputs, batch: dict, rows: torch.Tensor, tokens, reference, key: str) -> torch.Tensor:
+    """KL(reference || model) at every token of ``rows`` (``tokens``), normalised by the step's ``key``."""
+    return kl_at(outputs.logits, outputs.index(tokens), reference_logits(reference, batch, rows),
+                 token_weights(batch, rows, tokens), normalizer(batch, key))
+
 
 def normalizer(batch: dict, key: str):
     """The batch's normalizer for ``key`` (set by the trainer's step plan), or None: a plain mean."""
@@ -90,20 +169,7 @@ def normalizer(batch: dict, key: str):
 def row_weights(batch: dict, rows: torch.Tensor):
     """Weights of ``rows`` (0 for a padding copy already counted in the step), or None: all 1."""
     weights = batch.get("row_weights")
-    return None if weights is None else weights[rows]
-
-
-def forward(model, batch: dict, hidden_states: bool = False, logits: bool = True):
-    """One forward over the whole packed batch. ``logits=False`` keeps only the last position's logits
-    (transformers' ``logits_to_keep``), for terms that read hidden states only."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 output_hidden_states=hidden_states, logits_to_keep=0 if logits else 1)
-
-
-@torch.no_grad()
-def reference_logits(reference, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-    out = reference(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows])
-    return out.logits
+    return None if weights is None else weights[rows.to(weights.device)]
 
 
 def harmful_rows(batch: dict) -> torch.Tensor:
@@ -111,7 +177,11 @@ def harmful_rows(batch: dict) -> torch.Tensor:
 
 
 def positive_rows(batch: dict) -> torch.Tensor:
-    return torch.arange(batch["example_ids"].shape[0], device=batch["input_ids"].device)
+    return torch.arange(batch["example_ids"].shape[0])
+
+
+def all_rows(batch: dict) -> torch.Tensor:
+    return torch.arange(len(batch["layout"].sequences))
 
 
 def total(terms: dict, weights: dict) -> dict:

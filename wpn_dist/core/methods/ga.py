@@ -3,9 +3,8 @@
 + ga_kl_weight * KL(reference || model) on normal data``. Defaults are their code's."""
 from dataclasses import dataclass, field
 
-from ..token_losses import kl_to_reference, response_cross_entropy
 from . import register
-from .base import Method, forward, harmful_rows, normalizer, reference_logits, row_weights, total
+from .base import Method, cross_entropy, forward, harmful_rows, kl, total
 
 
 @dataclass
@@ -33,19 +32,21 @@ class GA(Method):
     def needs_reference(self) -> bool:
         return self.options.ga_kl_weight > 0
 
+    def batch_options(self) -> dict:
+        return {"positive_responses": False}  # GA never reads the harmless responses: not computed
+
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         o = self.options
-        out = forward(model, batch)
+        layout = batch["layout"]
         harmful, random_rows = harmful_rows(batch), batch["random_rows"]
-        terms = {"loss/ga": -response_cross_entropy(out.logits[harmful], batch["labels"][harmful],
-                                                    row_weights(batch, harmful), normalizer(batch, "tokens/negative")),
-                 "loss/random": response_cross_entropy(out.logits[random_rows], batch["labels"][random_rows],
-                                                       row_weights(batch, random_rows), normalizer(batch, "tokens/random"))}
+        tokens = {"harmful": layout.targets(harmful), "random": layout.targets(random_rows)}
+        if o.ga_kl_weight > 0:
+            tokens["normal"] = layout.every_token(batch["normal_rows"])
+        out = forward(model, batch, logits_for=tokens.values())
+        terms = {"loss/ga": -cross_entropy(out, batch, harmful, tokens["harmful"], "tokens/negative"),
+                 "loss/random": cross_entropy(out, batch, random_rows, tokens["random"], "tokens/random")}
         weights = {"ga": o.ga_weight, "random": o.ga_random_weight}
         if o.ga_kl_weight > 0:
-            rows = batch["normal_rows"]
-            terms["loss/kl"] = kl_to_reference(out.logits[rows], reference_logits(reference, batch, rows),
-                                               batch["attention_mask"][rows], row_weights(batch, rows),
-                                               normalizer(batch, "attended/normal"))
+            terms["loss/kl"] = kl(out, batch, batch["normal_rows"], tokens["normal"], reference, "attended/normal")
             weights["kl"] = o.ga_kl_weight
         return total(terms, weights)

@@ -17,9 +17,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..token_losses import kl_to_reference, response_cross_entropy
 from . import register
-from .base import Method, forward, harmful_rows, normalizer, positive_rows, reference_logits, row_weights, total
+from .base import Method, cross_entropy, forward, harmful_rows, kl, positive_rows, total
 
 
 @dataclass
@@ -67,18 +66,17 @@ class ICU(Method):
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         o = self.options
-        out = forward(model, batch)
+        layout = batch["layout"]
         harmful, analogous = harmful_rows(batch), positive_rows(batch)
-        terms = {"loss/forget": -response_cross_entropy(out.logits[harmful], batch["labels"][harmful],
-                                                        row_weights(batch, harmful), normalizer(batch, "tokens/negative")),
-                 "loss/analogous": response_cross_entropy(out.logits[analogous], batch["labels"][analogous],
-                                                          row_weights(batch, analogous),
-                                                          normalizer(batch, "tokens/positive"))}
+        tokens = {"forget": layout.targets(harmful), "analogous": layout.targets(analogous)}
+        if o.icu_kl_weight > 0:
+            tokens["kl"] = layout.every_token(analogous)
+        out = forward(model, batch, logits_for=tokens.values())
+        terms = {"loss/forget": -cross_entropy(out, batch, harmful, tokens["forget"], "tokens/negative"),
+                 "loss/analogous": cross_entropy(out, batch, analogous, tokens["analogous"], "tokens/positive")}
         weights = {"forget": o.icu_forget_weight, "analogous": o.icu_analogous_weight}
         if o.icu_kl_weight > 0:
-            terms["loss/kl"] = kl_to_reference(out.logits[analogous], reference_logits(reference, batch, analogous),
-                                               batch["attention_mask"][analogous], row_weights(batch, analogous),
-                                               normalizer(batch, "attended/positive"))
+            terms["loss/kl"] = kl(out, batch, analogous, tokens["kl"], reference, "attended/positive")
             weights["kl"] = o.icu_kl_weight
         return total(terms, weights)
 

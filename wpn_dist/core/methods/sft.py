@@ -3,9 +3,8 @@ cross-entropy of the harmless response given the harmful prompt, plus a retain c
 normal data: WPN's two auxiliary terms with no N-pair term (our baseline, not from a paper)."""
 from dataclasses import dataclass, field
 
-from ..token_losses import response_cross_entropy
 from . import register
-from .base import Method, forward, normalizer, positive_rows, row_weights, total
+from .base import Method, cross_entropy, forward, positive_rows, total
 
 
 @dataclass
@@ -34,20 +33,16 @@ class SFT(Method):
         return {"recovery_cuts": self.options.sft_recovery_cuts}
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
-        out = forward(model, batch)
-        positives = positive_rows(batch)
-        terms = {"loss/positive_lm": response_cross_entropy(out.logits[positives], batch["labels"][positives],
-                                                            row_weights(batch, positives),
-                                                            normalizer(batch, "tokens/positive"))}
-        weights = {"positive_lm": 1.0}
+        layout = batch["layout"]
+        groups = {"positive": positive_rows(batch)}
         if self.options.sft_recovery_cuts > 0:
-            rows = batch["recovery_rows"]
-            terms["loss/recovery_lm"] = response_cross_entropy(out.logits[rows], batch["labels"][rows],
-                                                               row_weights(batch, rows), normalizer(batch, "tokens/recovery"))
-            weights["recovery_lm"] = 1.0
+            groups["recovery"] = batch["recovery_rows"]
         if self.options.sft_retain_weight > 0:
-            rows = batch["normal_rows"]
-            terms["loss/retain"] = response_cross_entropy(out.logits[rows], batch["labels"][rows],
-                                                          row_weights(batch, rows), normalizer(batch, "tokens/normal"))
-            weights["retain"] = self.options.sft_retain_weight
-        return total(terms, weights)
+            groups["normal"] = batch["normal_rows"]
+        tokens = {name: layout.targets(rows) for name, rows in groups.items()}
+        out = forward(model, batch, logits_for=tokens.values())
+        terms = {f"loss/{term}": cross_entropy(out, batch, groups[name], tokens[name], f"tokens/{name}")
+                 for name, term in (("positive", "positive_lm"), ("recovery", "recovery_lm"), ("normal", "retain"))
+                 if name in groups}
+        weights = {"positive_lm": 1.0, "recovery_lm": 1.0, "retain": self.options.sft_retain_weight}
+        return total(terms, {name: w for name, w in weights.items() if f"loss/{name}" in terms})

@@ -6,10 +6,9 @@ from typing import Literal, Optional
 import torch
 
 from ..contrastive import npair_loss
-from ..pooling import pool
-from ..token_losses import kl_to_reference, response_cross_entropy
+from ..packing import pool_tokens
 from . import register
-from .base import Method, forward, normalizer, positive_rows, reference_logits, row_weights, total
+from .base import Method, all_rows, cross_entropy, forward, kl, normalizer, positive_rows, row_weights, total
 
 
 @dataclass
@@ -96,47 +95,52 @@ class WPN(Method):
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         o = self.options
+        layout = batch["layout"]
         lm_weight, retain_weight = o.positive_lm_weight or 0.0, o.retain_weight or 0.0
-        out = forward(model, batch, hidden_states=True,
-                      logits=lm_weight > 0 or retain_weight > 0 or (o.recovery_cuts > 0 and o.recovery_lm_weight > 0))
-        hidden = out.hidden_states[o.representation_layer]
         positives = positive_rows(batch)
-        num_examples = positives.shape[0]
-        responses = pool(hidden, batch["response_mask"], o.pooling)  # [S, D] fp32
+        recovery_lm = o.recovery_cuts > 0 and o.recovery_lm_weight > 0
+        # The token terms' positions, known before the forward: only they go through the LM head.
+        tokens = {}
+        if lm_weight > 0:
+            tokens["positive"] = layout.targets(positives)
+        if recovery_lm:
+            tokens["recovery"] = layout.targets(batch["recovery_rows"])
+        if retain_weight > 0:
+            rows = batch["normal_rows"]
+            tokens["normal"] = layout.every_token(rows) if o.retain_loss == "kl" else layout.targets(rows)
+        out = forward(model, batch, hidden_states=True, logits_for=tokens.values())
+        hidden = out.hidden(o.representation_layer)
+        responses = pool_tokens(hidden, layout.span(all_rows(batch)), o.pooling)  # [S, D] fp32
         if o.anchor == "generation":
             anchor = responses[batch["anchor_rows"]]
         else:
-            anchor = pool(hidden[:num_examples], batch["prompt_mask"], o.pooling)
+            anchor = pool_tokens(hidden, layout.prompt(positives), o.pooling)
         negatives = responses[batch["negative_rows"]]  # [B, K, D]; masked slots point at row 0
-        terms = {"loss/npair": npair_loss(anchor, responses[:num_examples], negatives, batch["negative_mask"],
+        # With the step plan's dedup mask and shapes (gather_shape), the loss issues one gather, no sync.
+        terms = {"loss/npair": npair_loss(anchor, responses[positives], negatives,
+                                          batch.get("negative_first", batch["negative_mask"]),
                                           temperature=o.temperature, similarity=o.similarity,
                                           global_negatives=o.global_negatives, example_ids=batch["example_ids"],
                                           anchor_weights=row_weights(batch, positives),
-                                          normalizer=normalizer(batch, "anchors"))}
+                                          normalizer=normalizer(batch, "anchors"),
+                                          gather_shape=batch.get("gather_shape"))}
         weights = {"npair": 1.0}
         if o.recovery_cuts > 0:
             terms["loss/recovery_npair"] = self._recovery_npair(hidden, responses, batch)
             weights["recovery_npair"] = o.recovery_weight
-            if o.recovery_lm_weight > 0:
-                rows = batch["recovery_rows"]
-                terms["loss/recovery_lm"] = response_cross_entropy(out.logits[rows], batch["labels"][rows],
-                                                                   row_weights(batch, rows),
-                                                                   normalizer(batch, "tokens/recovery"))
+            if recovery_lm:
+                terms["loss/recovery_lm"] = cross_entropy(out, batch, batch["recovery_rows"], tokens["recovery"],
+                                                          "tokens/recovery")
                 weights["recovery_lm"] = o.recovery_lm_weight
         if lm_weight > 0:
-            terms["loss/positive_lm"] = response_cross_entropy(
-                out.logits[positives], batch["labels"][positives], row_weights(batch, positives),
-                normalizer(batch, "tokens/positive"))
+            terms["loss/positive_lm"] = cross_entropy(out, batch, positives, tokens["positive"], "tokens/positive")
             weights["positive_lm"] = lm_weight
         if retain_weight > 0:
             rows = batch["normal_rows"]
             if o.retain_loss == "kl":
-                terms["loss/retain"] = kl_to_reference(out.logits[rows], reference_logits(reference, batch, rows),
-                                                       batch["attention_mask"][rows], row_weights(batch, rows),
-                                                       normalizer(batch, "attended/normal"))
+                terms["loss/retain"] = kl(out, batch, rows, tokens["normal"], reference, "attended/normal")
             else:
-                terms["loss/retain"] = response_cross_entropy(out.logits[rows], batch["labels"][rows],
-                                                              row_weights(batch, rows), normalizer(batch, "tokens/normal"))
+                terms["loss/retain"] = cross_entropy(out, batch, rows, tokens["normal"], "tokens/normal")
             weights["retain"] = retain_weight
         return total(terms, weights)
 
@@ -145,16 +149,16 @@ class WPN(Method):
         [prompt; harmful[:k]] of a recovery row (by causality the same states as in the harmful row),
         positive = its harmless continuation, negative = the harmful row's own continuation harmful[k:]."""
         o = self.options
-        rows, cut = batch["recovery_rows"], batch["recovery_cut"]
-        positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-        prefix = (positions < cut[:, None]) & batch["attention_mask"][rows].bool()
-        anchor = pool(hidden[rows], prefix, o.pooling)
+        layout = batch["layout"]
+        rows = batch["recovery_rows"]
+        cut = layout.prompt_lengths[rows]  # a recovery row's "prompt" is its harmful prefix
+        anchor = pool_tokens(hidden, layout.span(rows, start=0, stop=cut), o.pooling)
         harmful = batch["negative_rows"][batch["recovery_example"], 0]
-        continuation = (positions >= cut[:, None]) & batch["attention_mask"][harmful].bool()
-        negatives = pool(hidden[harmful], continuation, o.pooling)[:, None, :]
+        negatives = pool_tokens(hidden, layout.span(harmful, start=cut), o.pooling)[:, None, :]
         # One id per (example, cut): copies of an example count once, its cuts are distinct anchors.
         ids = batch["example_ids"][batch["recovery_example"]] * max(o.recovery_cuts, 1) + \
-            torch.arange(rows.shape[0], device=rows.device) % max(o.recovery_cuts, 1)
-        return npair_loss(anchor, responses[rows], negatives, temperature=o.temperature, similarity=o.similarity,
-                          global_negatives=o.global_negatives, example_ids=ids,
-                          anchor_weights=row_weights(batch, rows), normalizer=normalizer(batch, "rows/recovery"))
+            torch.arange(rows.shape[0]) % max(o.recovery_cuts, 1)
+        return npair_loss(anchor, responses[rows], negatives, batch.get("recovery_first"), temperature=o.temperature,
+                          similarity=o.similarity, global_negatives=o.global_negatives, example_ids=ids,
+                          anchor_weights=row_weights(batch, rows), normalizer=normalizer(batch, "rows/recovery"),
+                          gather_shape=batch.get("recovery_gather_shape"))
