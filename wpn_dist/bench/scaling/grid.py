@@ -86,7 +86,7 @@ PRESETS = {
     # The step's waste at PKU-like lengths on CPU: old (padded) and new (packed) layout, K = 2, 4, 8, WPN with
     # and without its positive-LM term, and the lm reference over the same useful tokens.
     "cpu-pku": {
-        "defaults": {"model": "mini-opt", "lengths": "pku", "seq_len": 256, "micro_batch": 2, "steps": 4,
+        "defaults": {"model": "mini-opt", "lengths": "pku", "seq_len": 256, "micro_batch": 2, "steps": 7,
                      "warmup_steps": 1, "timeout_s": 600},
         "sweeps": [
             {"method": "wpn", "negatives": [2, 4, 8], "layout": ["packed", "padded"], "positive_lm": [False, True]},
