@@ -44,3 +44,28 @@ def test_toy_world_main_job_unlearns(tmp_path, toy_cache):
     assert after["harmless_rate"]["id"]["rate"] >= 0.9
     assert after["harmless_rate"]["ood"]["rate"] >= before["harmless_rate"]["ood"]["rate"] + 0.3
     assert after["qa_accuracy"]["rate"] >= before["qa_accuracy"]["rate"] - 0.05
+
+
+def test_packed_and_padded_training_runs_log_the_same_losses(tmp_path):
+    """The trainer's wiring of the packed layout (batches to the device, the layout active through a
+    backward that recomputes under activation checkpointing): 4 steps of WPN with its positive-LM,
+    retain and recovery terms give the same logged losses as the padded layout."""
+    normal = tmp_path / "normal.jsonl"
+    normal.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "what color is the sky", "response": "the sky is blue."},
+        {"prompt": "name a fruit", "response": "an apple."}]))
+    losses = {}
+    for layout in ("packed", "padded"):
+        run = tmp_path / layout
+        run_deepspeed(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
+                       "--data", os.path.join(DATA, "tiny.jsonl"), "--steps", "4", "--micro_batch_size", "2",
+                       "--log_every", "1", "--lr", "1e-3", "--activation_checkpointing", "--retain_weight", "1",
+                       "--normal_data", str(normal), "--batch_layout", layout,
+                       "--export_hf", "false", "--output_dir", str(run)])
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[layout] = [{k: v for k, v in r.items() if k.startswith("loss/")} for r in rows]
+        assert json.loads((run / "config.json").read_text())["train"]["batch_layout"] == layout
+    assert len(losses["packed"]) == 4 and {"loss/recovery_npair", "loss/retain"} <= set(losses["packed"][0])
+    for packed, padded in zip(losses["packed"], losses["padded"]):
+        for term in padded:
+            assert math.isclose(packed[term], padded[term], rel_tol=1e-4, abs_tol=1e-6), (term, packed, padded)
