@@ -73,6 +73,9 @@ def test_segment_pooling_equals_mask_pooling(mode):
 
 
 def tiny(name):
+    if name in OTHER_ARCHITECTURES:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(OTHER_ARCHITECTURES[name]()).eval()
     tokenizer = models.byte_level_tokenizer()
     config = models.build_config(models.MODEL_SPECS[name], vocab_size=len(tokenizer), tokenizer=tokenizer)
     if name == "tiny-gpt-neo":
@@ -81,11 +84,38 @@ def tiny(name):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gpt-neo"])
+def _gptj():
+    from transformers import GPTJConfig
+    return GPTJConfig(n_layer=2, n_embd=64, n_head=4, n_positions=512, rotary_dim=16, vocab_size=256,
+                      bos_token_id=2, eos_token_id=2)
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig
+    return GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                         vocab_size=256, max_position_embeddings=512, bos_token_id=2, eos_token_id=2)
+
+
+def _llama_gqa():  # grouped-query attention: 2 key/value heads for 4 query heads
+    from transformers import LlamaConfig
+    return LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=256, bos_token_id=2, eos_token_id=2)
+
+
+OTHER_ARCHITECTURES = {"gptj": _gptj, "gpt-neox": _gpt_neox, "llama-gqa": _llama_gqa}
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gpt-neo", *OTHER_ARCHITECTURES])
 def test_packed_forward_equals_each_sequence_alone(name):
     model = tiny(name)
     sequences = tree_of_sequences()
     layout = Layout(sequences, "packed")
+    implementation = model.config._attn_implementation
+    if name in OTHER_ARCHITECTURES and not packed_attention.install(model):
+        # Older transformers build GPT-J without the attention interface: then nothing is changed, and
+        # the trainer uses the padded layout.
+        assert not packed_attention.installed(model) and model.config._attn_implementation == implementation
+        return
     assert packed_attention.install(model)
     with torch.no_grad(), packed_attention.active(layout):
         packed_logits = model(**layout.model_inputs()).logits[0]
@@ -125,3 +155,10 @@ def test_a_packed_row_may_be_longer_than_the_model_positions(name):
         alone = model(input_ids=torch.tensor([sequences[-1].token_ids])).logits[0]
     last = layout.every_token([len(sequences) - 1])
     torch.testing.assert_close(packed_logits[last.flat_host], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_an_architecture_not_known_exact_is_not_installed():
+    """BLOOM carries ALiBi in its attention mask, which packed attention does not rebuild: padded it stays."""
+    from transformers import BloomConfig
+    model = AutoModelForCausalLM.from_config(BloomConfig(n_layer=1, hidden_size=32, n_head=4, vocab_size=256))
+    assert not packed_attention.install(model) and not packed_attention.installed(model)

@@ -399,7 +399,7 @@ class BatchMaker:
         averages gradients over ranks and micro-batches, so each term's gradient is that of its mean
         over the whole global batch: the same for any world size and accumulation."""
         num_micro, world = len(plan), len(plan[0])
-        seen, counts, mine = set(), {}, []
+        seen, counts, mine, gather_shapes = set(), {}, [], []
         for micro in range(num_micro):
             seen_in_micro, shapes = set(), []
             for r in range(world):
@@ -417,11 +417,11 @@ class BatchMaker:
                 if r == rank:
                     mine.append((batch, extra, weights, first_in_micro))
             # What the N-pair loss's gather needs, known here for every rank: no collective to find it.
-            mine[-1] += ((max(b for b, _ in shapes), max(k for _, k in shapes)),)
+            gather_shapes.append((max(b for b, _ in shapes), max(k for _, k in shapes)))
         scale = num_micro * world
         normalizers = {key: max(value, 1.0) / scale for key, value in counts.items()}
         out = []
-        for batch, extra, weights, first_in_micro, gather_shape in mine:
+        for (batch, extra, weights, first_in_micro), gather_shape in zip(mine, gather_shapes):
             packed = self._pack(batch, extra)
             packed["row_weights"] = torch.tensor(weights, dtype=torch.float32)
             packed["normalizers"] = normalizers

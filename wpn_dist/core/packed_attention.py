@@ -5,8 +5,9 @@ and without encoding any prompt twice.
 
 ``install(model)`` teaches a model to read the active layout; ``active(layout)`` makes it active for
 a forward and, under activation checkpointing, for the backward that recomputes it. With no layout
-active the model's attention is what it was. Supported: models that pick their attention through
-transformers' attention interface (OPT, GPT-NeoX, ...) and GPT-Neo (global and local layers).
+active the model's attention is what it was. Supported (``SUPPORTED_MODEL_TYPES``): OPT, GPT-J,
+GPT-NeoX and Llama, which pick their attention through transformers' attention interface, and GPT-Neo
+(global and local layers).
 
 Each sequence is one ``scaled_dot_product_attention`` call over its own queries: attention costs
 what the sequences need, not (packed length)^2. The price is a Python loop over sequences per
@@ -19,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 IMPLEMENTATION = "wpn_packed"
+# Architectures whose packed forward is tested equal to each sequence run alone (tests/test_packing.py).
+# Others (e.g. those that carry ALiBi biases in the attention mask) fall back to the padded layout.
+SUPPORTED_MODEL_TYPES = ("opt", "gpt_neo", "gptj", "gpt_neox", "llama")
 _active = None
 
 
@@ -41,6 +45,9 @@ def segment_attention(query, key, value, layout, scale: float | None, dropout: f
         raise RuntimeError(f"packed attention: the active layout is one row of {layout.num_executed_tokens()} "
                            f"tokens, but this forward has {query.shape[0]} x {query.shape[2]}: run other "
                            f"forwards outside packed_attention.active()")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves several queries
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     outputs = []
     for start, count, keys, mask in layout.attention_plan(window):
         q = query[:, :, start:start + count]
@@ -84,6 +91,8 @@ def install(model) -> bool:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     if installed(model):
         return True
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
     gpt_neo = [m for m in model.modules() if type(m).__name__ == "GPTNeoSelfAttention"]
     if gpt_neo:
         for module in gpt_neo:

@@ -92,8 +92,8 @@ class Outputs:
     """One forward's results: hidden states by flat position, and the logits kept for the positions
     the terms asked for (``logits_at``/``index``)."""
 
-    def __init__(self, out, layout, kept: torch.Tensor | None):
-        self.out, self.layout, self.kept = out, layout, kept
+    def __init__(self, out, kept: torch.Tensor | None):
+        self.out, self.kept = out, kept
         # padded layout: full logits [S*T, V], indexed by flat position; packed: logits at ``kept``
         self.logits = None if out.logits is None else out.logits.flatten(0, 1)
 
@@ -125,11 +125,11 @@ def forward(model, batch: dict, hidden_states: bool = False, logits_for=()) -> O
     if wanted and layout.kind == "padded":
         keep = 0
     elif wanted:
-        kept_host = torch.unique(torch.cat(wanted))  # sorted; on the host: no device sync
-        kept, keep = kept_host.to(layout.device), kept_host.to(layout.device)
+        kept = torch.unique(torch.cat(wanted)).to(layout.device)  # sorted; unique on the host: no device sync
+        keep = kept
     with active(layout):
         out = model(**layout.model_inputs(), output_hidden_states=hidden_states, logits_to_keep=keep)
-    return Outputs(out, layout, kept)
+    return Outputs(out, kept)
 
 
 @torch.no_grad()
