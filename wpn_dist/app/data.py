@@ -242,6 +242,13 @@ def pack_batch(batch: list, pad_id: int, extra_rows: dict | None = None, layout:
     return packed
 
 
+def batch_to_device(batch: dict, device) -> dict:
+    """The batch's model input and float tensors on ``device``. Row indices and masks stay on the
+    host: the methods build their index tensors there, without device synchronisation."""
+    batch["layout"] = batch["layout"].to(device)
+    return {k: v.to(device) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+
 PROMPT_FORMAT = "### Question: {prompt} ### Answer:"  # the default of every command line
 
 

@@ -28,8 +28,8 @@ from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
 from . import distributed, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
-from .data import BatchMaker, DataCursor, detect_format, encode_examples, examples_from_rows, read_jsonl, \
-    read_normal_jsonl, read_pku_saferlhf  # noqa: E402
+from .data import BatchMaker, DataCursor, batch_to_device, detect_format, encode_examples, examples_from_rows, \
+    read_jsonl, read_normal_jsonl, read_pku_saferlhf  # noqa: E402
 from .evaluation import evaluate_model, evaluation_inputs, format_table  # noqa: E402
 from .generation import generate  # noqa: E402
 from .hooks import Hooks, load_hooks  # noqa: E402
@@ -322,7 +322,7 @@ class Trainer:
         finite = torch.ones((), dtype=torch.bool, device=self.engine.device)
         for micro, batch in enumerate(batches):
             tokens += batch.pop("num_tokens")
-            batch = to_device(batch, self.engine.device)
+            batch = batch_to_device(batch, self.engine.device)
             terms = self.method.loss_terms(self.engine, batch, self.reference)
             loss = self.hooks.loss(self.step, terms["loss/total"])
             finite &= torch.isfinite(loss.detach())  # a device op: no host sync per micro-step
@@ -465,13 +465,6 @@ class Trainer:
                   flush=True)
             release_lock(self.run_dir)
         return summary
-
-
-def to_device(batch: dict, device) -> dict:
-    """The batch's model input and float tensors on ``device``. Row indices and masks stay on the
-    host: the methods build their index tensors there, without device synchronisation."""
-    batch["layout"] = batch["layout"].to(device)
-    return {k: v.to(device) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
 
 def eval_scalars(result: dict) -> dict:

@@ -32,6 +32,11 @@ class Sequence:
     parent: int = -1   # an earlier sequence whose first ``shared`` tokens this one starts with (-1: none)
     shared: int = 0
 
+    @property
+    def own_start(self) -> int:
+        """Where the tokens this sequence adds begin: after its shared start, if it has a parent."""
+        return self.shared if self.parent >= 0 else 0
+
 
 @dataclass
 class Tokens:
@@ -89,7 +94,7 @@ class Layout:
                     assert 0 < s.shared <= len(parent.token_ids) and \
                         parent.token_ids[:s.shared] == s.token_ids[:s.shared], "a shared start must be the same tokens"
                     prefix = flat_of[s.parent][:s.shared]
-                start, own = len(ids), s.token_ids[len(prefix):]
+                start, own = len(ids), s.token_ids[s.own_start:]
                 ids += own
                 positions += range(len(prefix), len(s.token_ids))
                 flat_of.append(prefix + list(range(start, start + len(own))))
@@ -111,11 +116,15 @@ class Layout:
         """Tokens the forward runs over: the whole padded rectangle, or each distinct token once."""
         return int(self.input_ids.numel())
 
+    def distinct_tokens(self) -> int:
+        """The batch's distinct tokens (each shared start once), whatever the layout: its useful tokens."""
+        return sum(len(s.token_ids) - s.own_start for s in self.sequences)
+
     def own_tokens(self) -> torch.Tensor:
         """[S] tokens the forward computes for each sequence: its length, less its shared start when packed."""
         if self.kind == "padded":
             return self.lengths.clone()
-        return self.lengths - torch.tensor([s.shared if s.parent >= 0 else 0 for s in self.sequences])
+        return self.lengths - torch.tensor([s.own_start for s in self.sequences])
 
     def model_inputs(self) -> dict:
         """Keyword inputs of the model's forward. Packed: positions are the logical ones; the 4-D
@@ -134,17 +143,22 @@ class Layout:
 
     # --- what the methods ask -------------------------------------------------------------------
 
+    def _tokens_of(self, rows: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> tuple:
+        """For tokens ``start <= t < stop`` of each of ``rows``: their index into ``self.flat``, the
+        row (into ``rows``) each belongs to, its rank in its span, and the spans' lengths."""
+        lengths = (stop - start).clamp_min(0)
+        row = torch.repeat_interleave(torch.arange(rows.shape[0]), lengths)
+        rank = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        return self.offsets[rows][row] + start[row] + rank, row, rank, lengths
+
     def span(self, rows, start=None, stop=None) -> Tokens:
         """Tokens ``start <= t < stop`` of each of ``rows`` (defaults: the response, from the prompt's
         end to the sequence's end). ``start``/``stop``: an int or one value per row."""
         rows = _rows(rows)
         start = self.prompt_lengths[rows] if start is None else _as_host(start, rows.shape[0])
         stop = self.lengths[rows] if stop is None else _as_host(stop, rows.shape[0])
-        lengths = (stop - start).clamp_min(0)
-        row = torch.repeat_interleave(torch.arange(rows.shape[0]), lengths)
-        rank = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        logical = start[row] + rank
-        flat = self.flat[self.offsets[rows][row] + logical]
+        at, row, rank, lengths = self._tokens_of(rows, start, stop)
+        flat = self.flat[at]
         return Tokens(flat.to(self.device), flat, row, rank, lengths)
 
     def prompt(self, rows) -> Tokens:
@@ -159,12 +173,10 @@ class Layout:
         (``flat``, the token before it) and the token itself (``labels``)."""
         rows = _rows(rows)
         start = self.prompt_lengths[rows] if start is None else _as_host(start, rows.shape[0])
-        tokens = self.span(rows, start=start.clamp_min(1))
-        at = self.offsets[rows][tokens.row] + start.clamp_min(1)[tokens.row] + tokens.rank
-        tokens.labels = self.token_ids[self.flat[at]].to(self.device)
-        tokens.flat_host = self.flat[at - 1]
-        tokens.flat = tokens.flat_host.to(self.device)
-        return tokens
+        at, row, rank, lengths = self._tokens_of(rows, start.clamp_min(1), self.lengths[rows])
+        predictors = self.flat[at - 1]
+        return Tokens(predictors.to(self.device), predictors, row, rank, lengths,
+                      labels=self.token_ids[self.flat[at]].to(self.device))
 
     def select(self, rows) -> "Layout":
         """A layout of only ``rows``, in that order (shared starts kept where the parent is selected

@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
                         category=FutureWarning)
 
 from wpn_dist.app import distributed  # noqa: E402
+from wpn_dist.app.data import batch_to_device  # noqa: E402
 from wpn_dist.core import packed_attention  # noqa: E402
 from wpn_dist.app.options import OptionError, parse_options  # noqa: E402
 
@@ -144,14 +145,8 @@ def useful_tokens_batch(batch: dict) -> dict:
     tokens the WPN step computes."""
     from wpn_dist.core.packing import Layout, Sequence
     layout = batch["layout"]
-    own = [Sequence(s.token_ids[s.shared if s.parent >= 0 else 0:], 0) for s in layout.sequences]
+    own = [Sequence(s.token_ids[s.own_start:], 0) for s in layout.sequences]
     return {**batch, "layout": Layout(own, "packed", layout.pad_id)}
-
-
-def useful_tokens(layout) -> int:
-    """Distinct tokens of the batch: every sequence's tokens, a start shared with another counted once
-    (response tokens plus one prompt per example, in a batch of positives and negatives)."""
-    return sum(len(s.token_ids) - (s.shared if s.parent >= 0 else 0) for s in layout.sequences)
 
 
 def peak_memory() -> dict:
@@ -208,7 +203,8 @@ def measure(point: dict) -> dict:
     positive_responses = method.batch_options().get("positive_responses", True)
     batches = [synthetic_batch(point, spec.vocab_size, groups, rank, step, positive_responses)
                for step in range(total)]
-    tokens = sum(useful_tokens(b["layout"]) for b in batches) // total  # per step, this rank
+    # useful tokens per step, this rank: distinct tokens (response tokens plus one prompt per example)
+    tokens = sum(b["layout"].distinct_tokens() for b in batches) // total
     executed = sum(b["layout"].num_executed_tokens() for b in batches) // total
     rows = len(batches[0]["layout"].sequences)
 
@@ -223,9 +219,7 @@ def measure(point: dict) -> dict:
     for cpu_batch in batches:
         sync()
         t0 = time.perf_counter()
-        batch = {k: v.to(engine.device) if torch.is_tensor(v) and v.is_floating_point() else v
-                 for k, v in cpu_batch.items()}
-        batch["layout"] = batch["layout"].to(engine.device)
+        batch = batch_to_device(dict(cpu_batch), engine.device)
         terms = method.loss_terms(engine, batch, reference)
         with packed_attention.active(batch["layout"]):
             engine.backward(terms["loss/total"])
