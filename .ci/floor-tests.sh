@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 
 # Fast tests: no deepspeed launcher, except test_hf_io.py (one 2-rank CPU launch, ~15 s), kept because
 # it is the test that fails below the floor (a bf16 export must load back as bf16 without dtype=).
-DEFAULT_TESTS=(tests/test_pooling.py tests/test_packing.py tests/test_losses.py tests/test_data.py tests/test_methods.py
+DEFAULT_TESTS=(tests/test_pooling.py tests/test_packing.py tests/test_losses.py tests/test_data.py tests/test_methods.py tests/test_baselines.py
                tests/test_memory.py tests/test_judges.py tests/test_bad_input.py tests/test_hf_io.py)
 if [ "$#" -gt 0 ]; then TESTS=("$@"); else TESTS=("${DEFAULT_TESTS[@]}"); fi
 

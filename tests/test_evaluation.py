@@ -78,6 +78,16 @@ def test_icu_stops_when_every_forget_sample_counts_as_unlearned(tmp_path, toy_ca
     assert json.loads((run / "summary.json").read_text())["steps_run"] == 0
 
 
+def test_icu_second_stopping_rule_stops_a_real_run(tmp_path, toy_cache):
+    """Thresholds above any possible value: both measures are below them before the first epoch."""
+    run = tmp_path / "icu"
+    result = run_deepspeed(["wpn_dist/train.py", "--method", "icu", "--icu_ma_threshold", "1.01",
+                            "--icu_el_threshold", "1.01", "--steps", "20", "--evaluate", "false",
+                            "--export_hf", "false", "--output_dir", str(run)], WPN_DIST_CACHE=toy_cache)
+    assert "memorisation accuracy" in result.stdout and "both below: training stops" in result.stdout
+    assert json.loads((run / "summary.json").read_text())["steps_run"] == 0
+
+
 def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache):
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "wpn_dist.toybench", "--methods", "wpn,ga", "--steps", "4", "--eval_every", "2",
@@ -97,10 +107,28 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     assert results["before_relearn"]["0"] == 1.0 and results["versions"]["torch"]
     table = (out / "results.md").read_text()
     assert "| before unlearning |" in table and "| wpn |" in table and "| ga |" in table
-    assert "| retrain oracle |" in table and "Prefill split by depth" in table
+    assert "| retrain oracle |" in table and "Prefill split by depth" in table and "Degenerate share by split" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, skipped") == 2
     bad = subprocess.run([sys.executable, "-m", "wpn_dist.toybench", "--methods", "wpn,xx", "--out", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown method(s) xx" in bad.stderr
+
+
+def test_seed_table_lists_each_shared_run_seed_by_seed():
+    from wpn_dist.bench.seeds import table
+
+    def evaluation(harmless, qa):
+        rates = {s: {"rate": harmless} for s in ("id", "ood", "adversarial", "adversarial/role_play", "prefill",
+                                                 "prefill/1")}
+        return {"harmless_rate": rates, "degenerate_rate": {"id": {"rate": 0.0}}, "qa_accuracy": {"rate": qa}}
+
+    def results(seed, runs):
+        return {"seed": seed, "before": evaluation(0.0, 1.0), "before_relearn": {"5": 1.0, "20": 1.0},
+                "runs": [{"name": n, "failed": False, "after": evaluation(h, 0.9), "relearn": {5: 0.5, 20: 1.0}}
+                         for n, h in runs]}
+    text = table([results(0, [("wpn", 1.0), ("ga", 0.5)]), results(1, [("wpn", 0.25)])])
+    assert "Each cell: seed 0 / 1." in text
+    assert "| wpn | 100 / 25 | 100 / 25 |" in text and "| ga |" not in text  # ga is not in every file
+    assert text.rstrip().endswith("| 50 / 50 | 100 / 100 |")

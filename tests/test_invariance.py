@@ -16,7 +16,7 @@ from test_parity import assert_same
 from wpn_dist.core.methods import method_names
 
 # Every registered method (a new one is checked without touching this file), and WPN's variants.
-ALL = list(method_names()) + ["wpn-local-negatives", "wpn-recovery"]
+ALL = list(method_names()) + ["wpn-local-negatives", "wpn-recovery", "wpn-retention"]
 
 
 @pytest.fixture(scope="module")

@@ -255,3 +255,93 @@ def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup)
     torch.testing.assert_close(terms["loss/recovery_lm"], response_ce(model, batch, batch["recovery_rows"]))
     torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + terms["loss/recovery_npair"] +
                                terms["loss/recovery_lm"])
+
+
+def test_random_recovery_depths_are_seeded_per_step_and_cover_every_depth(setup):
+    tokenizer, model, examples, encoded = setup
+    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, recovery_depths="random"))
+    harmful = encoded[0].negatives[0]
+    n = len(harmful.input_ids) - harmful.prompt_length - 1  # the response's tokens before its end token
+    seen = set()
+    for step in range(1, 100):
+        batch = make_batch(setup, method, step)
+        cuts = (batch["layout"].prompt_lengths[batch["recovery_rows"]] - harmful.prompt_length)[:2].tolist()
+        assert cuts == (make_batch(setup, method, step)["layout"].prompt_lengths[batch["recovery_rows"]]
+                        - harmful.prompt_length)[:2].tolist()  # a resumed run draws the same cuts
+        assert len(set(cuts)) == 2 and all(1 <= k < n for k in cuts)
+        for row, k in zip(batch["recovery_rows"][:2], cuts):
+            assert tokens(batch, row)[:harmful.prompt_length + k] == harmful.input_ids[:harmful.prompt_length + k]
+        seen.update(cuts)
+    assert seen == set(range(1, n))  # every depth of the harmful start is trained at some step
+    even = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, recovery_depths="even"))
+    assert make_batch(setup, even, 1)["layout"].prompt_lengths[-6:].tolist() == \
+        make_batch(setup, even, 2)["layout"].prompt_lengths[-6:].tolist()  # even cuts do not move
+
+
+def pooled_weighted(hidden, start, stop):
+    """Position-weighted mean over hidden[start:stop] (weights 1..n), written out by hand."""
+    n = stop - start
+    w = torch.arange(1, n + 1, dtype=torch.float32) / (n * (n + 1) / 2)
+    return (hidden[start:stop].float() * w[:, None]).sum(0)
+
+
+@pytest.mark.parametrize("side", ["candidates", "anchor"])
+def test_wpn_frozen_side_pools_that_side_from_the_reference(setup, side):
+    from wpn_dist.core.contrastive import npair_loss
+    model = setup[1]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # a reference that differs from the model, so the two sides can be told apart
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    options = method_class("wpn").Options(frozen_side=side, positive_lm_weight=0.0, retain_weight=0.0,
+                                          recovery_cuts=0, global_negatives=False)
+    method = build_method("wpn", options)
+    assert method.needs_reference()
+    batch = make_batch(setup, method)
+    terms = method.loss_terms(model, batch, reference=reference)
+
+    def states(m, row):  # a sequence alone, unpacked: an independent reading of its hidden states
+        s = batch["layout"].sequences[int(row)]
+        return m(input_ids=torch.tensor([s.token_ids]), output_hidden_states=True).hidden_states[-1][0], s
+    anchor_model, candidate_model = (model, reference) if side == "candidates" else (reference, model)
+    anchors, positives, negatives = [], [], []
+    for i in range(3):
+        h, s = states(anchor_model, i)
+        anchors.append(pooled_weighted(h, 0, s.prompt_length))
+        h, s = states(candidate_model, i)
+        positives.append(pooled_weighted(h, s.prompt_length, len(s.token_ids)))
+        row_negatives = []
+        for row in batch["negative_rows"][i]:
+            h, s = states(candidate_model, row)
+            row_negatives.append(pooled_weighted(h, s.prompt_length, len(s.token_ids)))
+        negatives.append(torch.stack(row_negatives))
+    expected = npair_loss(torch.stack(anchors), torch.stack(positives), torch.stack(negatives), batch["negative_mask"],
+                          temperature=options.temperature, global_negatives=False)
+    torch.testing.assert_close(terms["loss/npair"], expected, rtol=1e-4, atol=1e-5)
+    terms["loss/total"].backward()
+    assert all(p.grad is None for p in reference.parameters())  # the frozen side is a constant
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_wpn_retention_is_the_relative_distance_to_the_frozen_states_on_normal_rows(setup):
+    model = setup[1]
+    options = method_class("wpn").Options(retention_weight=2.0, positive_lm_weight=0.0, retain_weight=0.0,
+                                          recovery_cuts=0)
+    method = build_method("wpn", options)
+    assert method.needs_reference() and "normal" in method.row_groups()
+    batch = make_batch(setup, method)
+    assert method.loss_terms(model, batch, reference=model)["loss/retention"].abs() < 1e-10
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    terms = method.loss_terms(model, batch, reference=reference)
+    per_row = []
+    for row in batch["normal_rows"]:  # each normal row alone, unpacked
+        ids = torch.tensor([batch["layout"].sequences[int(row)].token_ids])
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        h0 = reference(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        per_row.append(((h - h0) ** 2).sum(-1) / (h0 ** 2).sum(-1))
+    torch.testing.assert_close(terms["loss/retention"], torch.cat(per_row).mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 2.0 * terms["loss/retention"])

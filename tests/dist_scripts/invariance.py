@@ -26,6 +26,11 @@ METHODS["wpn-local-negatives"] = build_method("wpn", WPN(global_negatives=False,
                                                          retain_weight=1.0, retain_loss="kl"))
 METHODS["wpn-recovery"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, positive_lm_weight=1.0,
                                                   retain_weight=1.0))
+# WPN's regulariser and a frozen side, on random recovery depths (drawn per example and step: the same
+# whatever the split).
+METHODS["wpn-retention"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, retention_weight=1.0,
+                                                   frozen_side="anchor", positive_lm_weight=1.0, retain_weight=0.0))
+METHODS["rr"].progress = 0.5  # half-way through its schedule: both terms weigh
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 layout, out_path = args[:2]
@@ -42,18 +47,18 @@ train = TrainArguments(micro_batch_size=len(plan[0][0]), gradient_accumulation_s
 ds_config = engine.build_ds_config(train, 1e-3, distributed.world_size())
 
 
-def make_model():
+def make_model(seed: int = 0):
     """The tiny model, GPT-Neo with a local-attention window (16) shorter than these sequences."""
     if model_name != "tiny-gpt-neo":
-        return models.load_model(model_name, tokenizer, init="random", seed=0)
+        return models.load_model(model_name, tokenizer, init="random", seed=seed)
     from transformers import AutoModelForCausalLM
     config = models.build_config(models.MODEL_SPECS[model_name], vocab_size=len(tokenizer), tokenizer=tokenizer)
     config.window_size = 16
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
-reference_model = make_model()
+reference_model = make_model(seed=1)  # a frozen model other than the trained one: every term has a gradient
 packed_attention.install(reference_model)
 reference = engine.initialize_reference(reference_model, ds_config)
 results = {}

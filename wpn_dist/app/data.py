@@ -297,8 +297,8 @@ class BatchMaker:
     - ``anchor``: each prompt with the model's own continuation (WPN's --anchor generation; set by
       ``set_anchors``);
     - ``recovery``: ``recovery_cuts`` rows per example, ``[prompt; first k tokens of its first harmful
-      response; its harmless response]`` at evenly spaced cuts k (WPN's --recovery_cuts): the state
-      after a harmful start, and the harmless way out of it.
+      response; its harmless response]`` at cuts k, evenly spaced or drawn at random every step (WPN's
+      --recovery_cuts and --recovery_depths): the state after a harmful start, and the harmless way out of it.
     Random draws are seeded by (seed, step, example), so a resumed run draws the same rows, every rank
     can tell what every other rank draws, and the draws do not depend on how the step is split
     across ranks and micro-batches.
@@ -310,10 +310,13 @@ class BatchMaker:
 
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
                  groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0,
-                 layout: str = "packed", positive_responses: bool = True):
+                 recovery_depths: str = "even", layout: str = "packed", positive_responses: bool = True):
         self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
         self.layout, self.positive_responses = layout, positive_responses
         self.recovery_cuts = recovery_cuts if "recovery" in groups else 0
+        if recovery_depths not in ("even", "random"):
+            raise ValueError(f"recovery depths must be 'even' or 'random', got {recovery_depths!r}")
+        self.recovery_depths = recovery_depths
         self.prompt_format, self.max_length = prompt_format, max_length
         self.examples = {e.example_id: e for e in examples}
         self.normal_rows = normal_rows or []
@@ -346,7 +349,7 @@ class BatchMaker:
             for e in batch:
                 rng = random.Random(f"{self.seed}-{step}-{e.example_id}-{group}")
                 if group == "recovery":
-                    rows.extend(self._recovery_rows(e))
+                    rows.extend(self._recovery_rows(e, rng))
                 elif group == "normal":
                     rows.append(self.normal_pairs[rng.randrange(len(self.normal_pairs))])
                 elif group == "random":
@@ -368,15 +371,23 @@ class BatchMaker:
             weights += [float(f) for f in first_copy for _ in range(per_example)]
         return batch, extra, weights
 
-    def _recovery_rows(self, example: EncodedExample) -> list:
-        """The example's first harmful response cut after k of its tokens, k evenly spaced in it, each
-        continued with the harmless response. ``prompt_length`` of a row is where the cut is."""
+    def _recovery_rows(self, example: EncodedExample, rng: random.Random) -> list:
+        """The example's first harmful response cut after k of its tokens, each continued with the
+        harmless response. ``prompt_length`` of a row is where the cut is. The cuts k are evenly spaced
+        in the response, or (``recovery_depths="random"``) drawn afresh at every step, distinct and
+        uniform over 1 .. len - 1, so that over the run every depth of a harmful start is trained."""
         harmful, harmless = example.negatives[0], example.positive
         answer = harmful.input_ids[harmful.prompt_length:-1] or harmful.input_ids[harmful.prompt_length:]
         refusal = harmless.input_ids[harmless.prompt_length:]
+        n = len(answer)
+        if self.recovery_depths == "random" and n > 1:
+            depths = range(1, n)
+            cuts = rng.sample(depths, self.recovery_cuts) if self.recovery_cuts <= len(depths) else \
+                [rng.choice(depths) for _ in range(self.recovery_cuts)]
+        else:
+            cuts = [max(1, round((c + 1) * n / (self.recovery_cuts + 1))) for c in range(self.recovery_cuts)]
         rows = []
-        for c in range(self.recovery_cuts):
-            k = max(1, round((c + 1) * len(answer) / (self.recovery_cuts + 1)))
+        for k in sorted(cuts):
             cut = harmful.prompt_length + k
             rows.append(EncodedPair((harmful.input_ids[:cut] + refusal)[:self.max_length], cut))
         return rows

@@ -57,6 +57,34 @@ def perplexity(model, tokenizer, rows: list, prompt_format: str, max_length: int
     return math.exp(nll / max(tokens, 1))
 
 
+def memorization_accuracy(model, tokenizer, rows: list, prompt_format: str, max_length: int, batch_size: int) -> float:
+    """Memorisation accuracy (Tirumala et al. 2022, as ICU and Jang et al. use it): the share of the
+    response tokens of ``rows`` ({prompt, response}) that the model's greedy next-token prediction gets
+    right, teacher-forced, pooled over the rows' tokens. Sharded like ``perplexity`` (collective)."""
+    from .data import encode_normal, lm_batch
+    pairs = encode_normal(rows, tokenizer, prompt_format, max_length)
+    share = rank_share(len(pairs))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    right, tokens = 0, 0
+    with torch.no_grad():
+        for start in range(0, len(share), batch_size):
+            indices = share[start:start + batch_size]
+            count = sum(i is not None for i in indices)
+            batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:count, 1:].to(device)
+            counted = labels != -100
+            right += int(((logits[:count, :-1].argmax(-1) == labels) & counted).sum())
+            tokens += int(counted.sum())
+    if was_training:
+        model.train()
+    right, tokens = distributed.all_reduce_sum(right), distributed.all_reduce_sum(tokens)
+    return right / max(tokens, 1)
+
+
 def evaluate_model(model, tokenizer, splits: dict, judge, normal_rows: list, prompt_format: str,
                    max_new_tokens: int, batch_size: int, max_length: int = 256, num_samples: int = 8,
                    extraction_rows: list | None = None, harmless_rows: list | None = None) -> dict:

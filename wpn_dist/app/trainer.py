@@ -30,7 +30,7 @@ from . import distributed, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
 from .data import BatchMaker, DataCursor, batch_to_device, detect_format, encode_examples, examples_from_rows, \
     read_jsonl, read_normal_jsonl, read_pku_saferlhf  # noqa: E402
-from .evaluation import evaluate_model, evaluation_inputs, format_table  # noqa: E402
+from .evaluation import evaluate_model, evaluation_inputs, format_table, memorization_accuracy  # noqa: E402
 from .generation import generate  # noqa: E402
 from .hooks import Hooks, load_hooks  # noqa: E402
 from .preflight import Preflight, check_run, release_lock, take_lock  # noqa: E402
@@ -52,6 +52,10 @@ def resolve_defaults(cfg: RunConfig) -> None:
         cfg.data.normal_data = "toy"
     if hasattr(cfg.method_options, "resolve_defaults"):
         cfg.method_options.resolve_defaults(toy_world=is_toy, has_normal_data=cfg.data.normal_data is not None)
+    if cfg.method.method == "wpn" and cfg.data.normal_data is None and not cfg.method_options.recovery_cuts:
+        distributed.print0("wpn_dist: no --normal_data, so WPN runs without its retain, retention and recovery terms "
+                           "(on the toy world the recovery cuts without a retain term make the model refuse "
+                           "everything): answers pre-started harmfully are not unlearned. Give --normal_data to have them.")
     if is_toy and cfg.data.data != "toy":
         raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
 
@@ -282,12 +286,22 @@ class Trainer:
         by_id = self.inputs.batches.examples
         return [by_id[e.example_id] for e in self.inputs.encoded]
 
-    def generate(self, prompts: list) -> list:
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.steps
+
+    def generate(self, prompts: list, prefills: list | None = None) -> list:
         texts = generate(self.engine.module, self.tokenizer, prompts, self.cfg.data.prompt_format,
-                         self.cfg.eval.max_new_tokens, self.cfg.eval.eval_batch_size)
+                         self.cfg.eval.max_new_tokens, self.cfg.eval.eval_batch_size, prefills=prefills)
         # Forward passes without backward leave ZeRO-3's gathered parameters in place: release them.
         self.engine.empty_partition_cache()
         return texts
+
+    def memorization_accuracy(self, rows: list) -> float:
+        accuracy = memorization_accuracy(self.engine.module, self.tokenizer, rows, self.cfg.data.prompt_format,
+                                         self.cfg.data.max_length, self.cfg.eval.eval_batch_size)
+        self.engine.empty_partition_cache()
+        return accuracy
 
     def set_epoch_subset(self, indices: list) -> None:
         self.cursor.restrict(indices)

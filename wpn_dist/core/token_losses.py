@@ -39,8 +39,12 @@ def _chunked_sum(fn, logits: torch.Tensor, index: torch.Tensor, *per_token) -> t
     return total
 
 
+def _ce_each(logits, index, labels):
+    return F.cross_entropy(logits[index].float(), labels, reduction="none")
+
+
 def _ce_sum(logits, index, labels, weights):
-    return (F.cross_entropy(logits[index].float(), labels, reduction="none") * weights).sum()
+    return (_ce_each(logits, index, labels) * weights).sum()
 
 
 def _kl_sum(logits, index, reference, weights):
@@ -56,6 +60,19 @@ def cross_entropy_at(logits: torch.Tensor, index: torch.Tensor, labels: torch.Te
     weights = _weights(index.shape[0], weights, logits.device)
     total = _chunked_sum(_ce_sum, logits, index, labels, weights)
     return total / (weights.sum().clamp_min(1.0) if normalizer is None else normalizer)
+
+
+def token_nll_at(logits: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[n] the cross-entropy of each ``labels[i]`` under ``logits[index[i]]`` (for per-sequence sums),
+    in the same recomputed chunks."""
+    if index.shape[0] == 0:
+        return logits[:0, 0].float()
+    parts = []
+    for start in range(0, index.shape[0], CHUNK):
+        part = (index[start:start + CHUNK], labels[start:start + CHUNK])
+        parts.append(checkpoint(_ce_each, logits, *part, use_reentrant=False) if logits.requires_grad
+                     else _ce_each(logits, *part))
+    return torch.cat(parts)
 
 
 def kl_at(logits: torch.Tensor, index: torch.Tensor, reference: torch.Tensor,

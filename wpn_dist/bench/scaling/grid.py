@@ -25,7 +25,7 @@ from ...core.methods import method_names
 POINT_DEFAULTS = {
     "model": "tiny-opt",        # a name of wpn_dist.models.MODEL_SPECS (random init, the spec's vocabulary);
                                 # with toy: true, "toy" (the implanted toy model) or a spec name (random init)
-    "method": "wpn",            # wpn, ga, icu, or lm (plain causal-LM step over the same packed batch)
+    "method": "wpn",            # any registered method, or lm (plain causal-LM step over the same packed batch)
     "negatives": 4,             # K: harmful responses (negative rows) per example
     "micro_batch": 2,           # examples per rank per step; rows per rank = micro_batch * (1 + K) (+2 per
                                 # example for ga's random-answer and normal rows)
@@ -71,6 +71,8 @@ class GridError(ValueError):
 _GPU = {"precision": "bf16", "seq_len": 512, "prompt_len": 128, "negatives": 3, "warmup_steps": 3, "steps": 8,
         "timeout_s": 480}
 
+_EVERY_METHOD = ["wpn", "sft", "ga", "icu", "npo", "simnpo", "rmu", "rr", "lm"]
+
 PRESETS = {
     "cpu-tiny": {
         "defaults": {"seq_len": 64, "prompt_len": 16, "micro_batch": 2, "steps": 5, "warmup_steps": 2,
@@ -92,6 +94,12 @@ PRESETS = {
             {"method": "wpn", "negatives": [2, 4, 8], "layout": ["packed", "padded"], "positive_lm": [False, True]},
             {"method": "lm", "negatives": [2, 4, 8], "layout": "packed"},
         ],
+    },
+    # Every method's step at PKU-like lengths on CPU, each with its frozen reference where it has one.
+    "cpu-methods": {
+        "defaults": {"model": "mini-opt", "lengths": "pku", "seq_len": 256, "micro_batch": 2, "negatives": 2,
+                     "steps": 7, "warmup_steps": 1, "timeout_s": 600},
+        "sweeps": [{"method": ["wpn", "sft", "ga", "icu", "npo", "simnpo", "rmu", "rr", "lm"]}],
     },
     # The same on the GPU at OPT-1.3B in bf16 (for the GPU issue; not measured yet).
     "gpu-pku": {
@@ -116,9 +124,9 @@ PRESETS = {
     "gpu-sizes": {
         "defaults": {**_GPU, "ds_config": "zero3", "micro_batch": 4},
         "sweeps": [
-            {"model": ["opt-125m", "opt-350m", "opt-1.3b"], "method": ["wpn", "ga", "icu", "lm"]},
-            {"model": "opt-2.7b", "method": ["wpn", "ga", "icu", "lm"], "activation_checkpointing": True},
-            {"model": "opt-6.7b", "method": ["wpn", "ga", "icu", "lm"], "ds_config": "zero3_offload",
+            {"model": ["opt-125m", "opt-350m", "opt-1.3b"], "method": _EVERY_METHOD},
+            {"model": "opt-2.7b", "method": _EVERY_METHOD, "activation_checkpointing": True},
+            {"model": "opt-6.7b", "method": _EVERY_METHOD, "ds_config": "zero3_offload",
              "micro_batch": 2, "activation_checkpointing": True, "warmup_steps": 2, "steps": 4,
              "timeout_s": 600},
         ],
@@ -128,7 +136,7 @@ PRESETS = {
     "toy-unlearn": {
         "defaults": {"toy": True, "model": "toy", "steps": 120, "eval_every": 10, "micro_batch": 8,
                      "warmup_steps": 3, "timeout_s": 900},
-        "sweeps": [{"method": ["wpn", "ga", "icu"]}],
+        "sweeps": [{"method": ["wpn", "sft", "ga", "icu", "npo", "simnpo", "rmu", "rr"]}],
     },
 }
 
@@ -227,7 +235,7 @@ def problem(point: dict) -> str | None:
         if point["model"] != "toy" and point["model"] not in MODEL_SPECS:
             return f"model {point['model']!r}: a toy point takes 'toy' or a name of wpn_dist.models.MODEL_SPECS"
         if point["method"] == "lm":
-            return "method lm does not unlearn: a toy point takes wpn, ga or icu"
+            return "method lm does not unlearn: a toy point takes a method that does"
     elif point["model"] not in MODEL_SPECS:
         return f"model {point['model']!r} is not a name of wpn_dist.models.MODEL_SPECS ({', '.join(MODEL_SPECS)})"
     if point["ds_config"] not in DS_CONFIGS:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from ..token_losses import cross_entropy_at, kl_at
+from ..token_losses import cross_entropy_at, kl_at, token_nll_at
 
 
 class TrainingRun(Protocol):
@@ -29,12 +29,18 @@ class TrainingRun(Protocol):
     step: int            # the step about to run (on_step_start) or the next one (on_epoch_start)
     first_step: int      # the first step of this process (after a resume: the step after the checkpoint)
     epoch: int
+    total_steps: int     # the run's optimizer steps (--steps)
 
     def examples(self) -> list:
         """The training examples (wpn_dist.app.data.Example), in data order."""
 
-    def generate(self, prompts: list) -> list:
-        """The current model's greedy continuations of ``prompts`` (collective: every rank calls it)."""
+    def generate(self, prompts: list, prefills: list | None = None) -> list:
+        """The current model's greedy continuations of ``prompts``, each answer pre-started with
+        ``prefills[i]`` when given (collective: every rank calls it)."""
+
+    def memorization_accuracy(self, rows: list) -> float:
+        """The share of the response tokens of ``rows`` ({prompt, response}) the model predicts right,
+        greedy and teacher-forced (collective)."""
 
     def set_epoch_subset(self, indices: list) -> None:
         """Restrict the epoch that starts now to these example indices (an empty list ends training)."""
@@ -139,6 +145,46 @@ def reference_logits(reference, batch: dict, rows: torch.Tensor) -> torch.Tensor
     sub = batch["layout"].select(rows)
     tokens = sub.every_token(range(len(sub.sequences)))
     return forward(reference, {"layout": sub}, logits_for=[tokens]).logits_at(tokens)
+
+
+@torch.no_grad()
+def reference_states(reference, batch: dict) -> Outputs:
+    """The frozen reference's hidden states (``.hidden(layer)``) at every flat position of the batch
+    (the same positions as the trained model's), from one forward over the whole batch."""
+    return forward(reference, batch, hidden_states=True)
+
+
+def sequence_nll(outputs: Outputs, rows: torch.Tensor, tokens) -> torch.Tensor:
+    """[len(rows)] each row's summed next-token NLL over ``tokens`` (``layout.targets(rows)``)."""
+    nll = token_nll_at(outputs.logits, outputs.index(tokens), tokens.labels)
+    return torch.zeros(len(rows), device=nll.device, dtype=nll.dtype).index_add(0, tokens.row.to(nll.device), nll)
+
+
+@torch.no_grad()
+def reference_sequence_nll(reference, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+    """The frozen reference's ``sequence_nll`` of ``rows`` (their response tokens), from a forward over
+    those rows only."""
+    sub = batch["layout"].select(rows)
+    every = torch.arange(len(sub.sequences))
+    tokens = sub.targets(every)
+    return sequence_nll(forward(reference, {"layout": sub}, logits_for=[tokens]), every, tokens)
+
+
+def row_mean(values: torch.Tensor, batch: dict, rows: torch.Tensor, key: str) -> torch.Tensor:
+    """``sum_r weight_r values_r / normalizer(key)``: a per-row term's mean over the step's rows."""
+    weights = row_weights(batch, rows)
+    summed = values.sum() if weights is None else (values * weights.to(values.device)).sum()
+    count = normalizer(batch, key)
+    return summed / (max(values.shape[0], 1) if count is None else count)
+
+
+def token_mean(per_token: torch.Tensor, batch: dict, rows: torch.Tensor, tokens, key: str) -> torch.Tensor:
+    """``sum_t weight_t per_token_t / normalizer(key)`` over ``tokens`` of ``rows``: a per-token term's
+    mean over the step's tokens (a padding copy's tokens weigh 0)."""
+    weights = token_weights(batch, rows, tokens)
+    summed = per_token.sum() if weights is None else (per_token * weights.to(per_token.device)).sum()
+    count = normalizer(batch, key)
+    return summed / (max(per_token.shape[0], 1) if count is None else count)
 
 
 def token_weights(batch: dict, rows: torch.Tensor, tokens):

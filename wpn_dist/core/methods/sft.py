@@ -2,6 +2,7 @@
 cross-entropy of the harmless response given the harmful prompt, plus a retain cross-entropy on
 normal data: WPN's two auxiliary terms with no N-pair term (our baseline, not from a paper)."""
 from dataclasses import dataclass, field
+from typing import Literal
 
 from . import register
 from .base import Method, cross_entropy, forward, positive_rows, total
@@ -14,6 +15,9 @@ class SFTOptions:
     sft_recovery_cuts: int = field(default=0, metadata={
         "help": "sft: also train the harmless response after this many evenly spaced cuts of each harmful "
                 "response (safety-recovery augmentation, as WPN's --recovery_cuts with --recovery_lm_weight 1)."})
+    sft_recovery_depths: Literal["even", "random"] = field(default="random", metadata={
+        "help": "sft with --sft_recovery_cuts: evenly spaced cuts, or cuts drawn afresh every step (as WPN's "
+                "--recovery_depths)."})
 
     def __post_init__(self):
         if self.sft_retain_weight < 0 or self.sft_recovery_cuts < 0:
@@ -30,7 +34,7 @@ class SFT(Method):
         return groups + (("normal",) if self.options.sft_retain_weight > 0 else ())
 
     def batch_options(self) -> dict:
-        return {"recovery_cuts": self.options.sft_recovery_cuts}
+        return {"recovery_cuts": self.options.sft_recovery_cuts, "recovery_depths": self.options.sft_recovery_depths}
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         layout = batch["layout"]

@@ -1,5 +1,7 @@
-"""WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with optional
-auxiliary terms (positive LM, retain), both our choices and not the paper's."""
+"""WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with auxiliary terms
+that are our choices, not the paper's: positive LM, retain, recovery cuts inside the harmful responses
+(a second N-pair term and its LM term) and representation retention on normal data. Their defaults
+come from the toy benchmark (README, "The efficacy table")."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -8,7 +10,8 @@ import torch
 from ..contrastive import npair_loss
 from ..packing import pool_tokens
 from . import register
-from .base import Method, all_rows, cross_entropy, forward, kl, normalizer, positive_rows, row_weights, total
+from .base import (Method, all_rows, cross_entropy, forward, kl, normalizer, positive_rows, reference_states,
+                   row_weights, token_mean, total)
 
 
 @dataclass
@@ -24,24 +27,42 @@ class WPNOptions:
     temperature: float = field(default=0.1, metadata={"help": "WPN: temperature tau of the N-pair loss."})
     global_negatives: bool = field(default=True, metadata={
         "help": "WPN: use the harmful responses of every example on every rank as negatives (gathered)."})
+    npair_weight: float = field(default=1.0, metadata={
+        "help": "WPN: weight of the N-pair term (0 with --recovery_weight 0 leaves the other terms alone: what the "
+                "contrastive terms add is the difference)."})
     positive_lm_weight: Optional[float] = field(default=1.0, metadata={
         "help": "WPN: weight of the token cross-entropy of the harmless response given the prompt, added to the "
                 "N-pair loss (our choice, not the paper's: the N-pair term alone collapses the toy model; "
-                "0 with --retain_weight 0 --recovery_cuts 0 is the paper-literal N-pair loss)."})
+                "0 with --retain_weight 0 --retention_weight 0 --recovery_cuts 0 is the paper-literal N-pair loss)."})
     retain_weight: Optional[float] = field(default=None, metadata={
         "help": "WPN: weight of a retain term on normal data (--normal_data), added to the N-pair loss (our "
                 "choice). Default: 1 when there is normal data (the toy world has its own), else 0."})
     retain_loss: Literal["ce", "kl"] = field(default="ce", metadata={
         "help": "WPN: retain term: cross-entropy of the normal responses, or KL from the frozen original model."})
-    recovery_cuts: int = field(default=3, metadata={
-        "help": "WPN: anchors inside the harmful response (our choice, not the paper's): at this many evenly "
-                "spaced cuts k of each example's first harmful response, a second N-pair term whose anchor is "
-                "the pooled [prompt; harmful[:k]], positive the harmless response written after that prefix, "
-                "and negatives the harmful continuations harmful[k:] (0: off)."})
+    recovery_cuts: Optional[int] = field(default=None, metadata={
+        "help": "WPN: anchors inside the harmful response (our choice, not the paper's): at this many cuts k of "
+                "each example's first harmful response, a second N-pair term whose anchor is the pooled "
+                "[prompt; harmful[:k]], positive the harmless response written after that prefix, and negatives "
+                "the harmful continuations harmful[k:], with the cross-entropy of that harmless continuation. "
+                "Default: 3 when there is normal data (the toy world has its own), else 0: without a retain term "
+                "the cuts cost the toy model nearly all its QA accuracy (README, the efficacy table)."})
+    recovery_depths: Literal["even", "random"] = field(default="random", metadata={
+        "help": "WPN with --recovery_cuts: where the cuts fall: evenly spaced in the harmful response, or drawn "
+                "afresh every step, uniform over every depth (our choice)."})
     recovery_weight: float = field(default=1.0, metadata={"help": "WPN: weight of the recovery N-pair term."})
     recovery_lm_weight: float = field(default=1.0, metadata={
         "help": "WPN with --recovery_cuts: weight of the token cross-entropy of the harmless response written "
                 "after each harmful prefix (safety-recovery augmentation; our choice)."})
+    frozen_side: Literal["none", "candidates", "anchor"] = field(default="none", metadata={
+        "help": "WPN: which side of the N-pair terms is pooled from the frozen original model instead of the "
+                "trained one (our choice): 'candidates' (positives and negatives are fixed targets the anchor "
+                "moves between), 'anchor' (the prompt's representation is fixed and the responses move), or none."})
+    retention_weight: Optional[float] = field(default=None, metadata={
+        "help": "WPN: weight of a representation-retention term on normal data (--normal_data; our choice): the "
+                "squared distance between the trained and the frozen original model's states of "
+                "--representation_layer at every token of the normal rows, relative to the frozen states' "
+                "squared norm. A regulariser against collapse that is not an LM term; it needs the frozen model "
+                "(a second engine). Default: 1 when there is normal data (the toy world has its own), else 0."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -51,9 +72,10 @@ class WPNOptions:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.anchor_refresh_steps < 1:
             raise ValueError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
-        if self.recovery_cuts < 0:
+        if self.recovery_cuts is not None and self.recovery_cuts < 0:
             raise ValueError(f"--recovery_cuts must be >= 0, got {self.recovery_cuts}")
-        for name in ("positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight"):
+        for name in ("npair_weight", "positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight",
+                     "retention_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
@@ -64,6 +86,10 @@ class WPNOptions:
             self.positive_lm_weight = 1.0
         if self.retain_weight is None:
             self.retain_weight = 1.0 if (toy_world or has_normal_data) else 0.0
+        if self.recovery_cuts is None:
+            self.recovery_cuts = 3 if (toy_world or has_normal_data) else 0
+        if self.retention_weight is None:
+            self.retention_weight = 1.0 if (toy_world or has_normal_data) else 0.0
 
 
 @register
@@ -76,14 +102,17 @@ class WPN(Method):
 
     def row_groups(self) -> tuple:
         groups = ("anchor",) if self.options.anchor == "generation" else ()
-        groups += ("recovery",) if self.options.recovery_cuts > 0 else ()
-        return groups + (("normal",) if (self.options.retain_weight or 0) > 0 else ())
+        groups += ("recovery",) if (self.options.recovery_cuts or 0) > 0 else ()
+        normal = (self.options.retain_weight or 0) > 0 or (self.options.retention_weight or 0) > 0
+        return groups + (("normal",) if normal else ())
 
     def batch_options(self) -> dict:
-        return {"recovery_cuts": self.options.recovery_cuts}
+        return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths}
 
     def needs_reference(self) -> bool:
-        return (self.options.retain_weight or 0) > 0 and self.options.retain_loss == "kl"
+        o = self.options
+        return ((o.retain_weight or 0) > 0 and o.retain_loss == "kl") or o.frozen_side != "none" or \
+            (o.retention_weight or 0) > 0
 
     def on_step_start(self, run) -> None:
         if self.options.anchor != "generation":
@@ -98,7 +127,8 @@ class WPN(Method):
         layout = batch["layout"]
         lm_weight, retain_weight = o.positive_lm_weight or 0.0, o.retain_weight or 0.0
         positives = positive_rows(batch)
-        recovery_lm = o.recovery_cuts > 0 and o.recovery_lm_weight > 0
+        cuts = o.recovery_cuts or 0
+        recovery_lm = cuts > 0 and o.recovery_lm_weight > 0
         # The token terms' positions, known before the forward: only they go through the LM head.
         tokens = {}
         if lm_weight > 0:
@@ -110,11 +140,16 @@ class WPN(Method):
             tokens["normal"] = layout.every_token(rows) if o.retain_loss == "kl" else layout.targets(rows)
         out = forward(model, batch, hidden_states=True, logits_for=tokens.values())
         hidden = out.hidden(o.representation_layer)
-        responses = pool_tokens(hidden, layout.span(all_rows(batch)), o.pooling)  # [S, D] fp32
+        # The states each side of the N-pair terms is pooled from: the trained model's, or with
+        # --frozen_side the frozen original model's for that side (constants: no gradient).
+        frozen = reference_states(reference, batch).hidden(o.representation_layer) if o.frozen_side != "none" else None
+        sides = {"anchor": frozen if o.frozen_side == "anchor" else hidden,
+                 "candidates": frozen if o.frozen_side == "candidates" else hidden}
+        responses = pool_tokens(sides["candidates"], layout.span(all_rows(batch)), o.pooling)  # [S, D] fp32
         if o.anchor == "generation":
-            anchor = responses[batch["anchor_rows"]]
+            anchor = pool_tokens(sides["anchor"], layout.span(batch["anchor_rows"]), o.pooling)
         else:
-            anchor = pool_tokens(hidden, layout.prompt(positives), o.pooling)
+            anchor = pool_tokens(sides["anchor"], layout.prompt(positives), o.pooling)
         negatives = responses[batch["negative_rows"]]  # [B, K, D]; masked slots point at row 0
         # With the step plan's dedup mask and shapes (gather_shape), the loss issues one gather, no sync.
         terms = {"loss/npair": npair_loss(anchor, responses[positives], negatives,
@@ -124,9 +159,9 @@ class WPN(Method):
                                           anchor_weights=row_weights(batch, positives),
                                           normalizer=normalizer(batch, "anchors"),
                                           gather_shape=batch.get("gather_shape"))}
-        weights = {"npair": 1.0}
-        if o.recovery_cuts > 0:
-            terms["loss/recovery_npair"] = self._recovery_npair(hidden, responses, batch)
+        weights = {"npair": o.npair_weight}
+        if cuts > 0:
+            terms["loss/recovery_npair"] = self._recovery_npair(sides, responses, batch)
             weights["recovery_npair"] = o.recovery_weight
             if recovery_lm:
                 terms["loss/recovery_lm"] = cross_entropy(out, batch, batch["recovery_rows"], tokens["recovery"],
@@ -142,9 +177,24 @@ class WPN(Method):
             else:
                 terms["loss/retain"] = cross_entropy(out, batch, rows, tokens["normal"], "tokens/normal")
             weights["retain"] = retain_weight
+        if (o.retention_weight or 0) > 0:
+            terms["loss/retention"] = self._retention(hidden, batch, reference)
+            weights["retention"] = o.retention_weight
         return total(terms, weights)
 
-    def _recovery_npair(self, hidden, responses, batch: dict):
+    def _retention(self, hidden, batch: dict, reference):
+        """Mean over the normal rows' tokens of |h - h_frozen|^2 / |h_frozen|^2 at the representation
+        layer; the frozen states come from a forward of the reference over those rows only."""
+        layout, rows = batch["layout"], batch["normal_rows"]
+        tokens = layout.every_token(rows)
+        sub = layout.select(rows)
+        frozen = reference_states(reference, {"layout": sub}).hidden(self.options.representation_layer).float()
+        frozen = frozen[sub.every_token(range(len(sub.sequences))).flat]  # row-major, as ``tokens``
+        moved = hidden[tokens.flat].float()
+        per_token = (moved - frozen).pow(2).sum(-1) / frozen.pow(2).sum(-1).clamp_min(1e-6)
+        return token_mean(per_token, batch, rows, tokens, "attended/normal")
+
+    def _recovery_npair(self, sides: dict, responses, batch: dict):
         """The N-pair term at cuts inside the harmful responses: anchor = the pooled prefix
         [prompt; harmful[:k]] of a recovery row (by causality the same states as in the harmful row),
         positive = its harmless continuation, negative = the harmful row's own continuation harmful[k:]."""
@@ -152,9 +202,9 @@ class WPN(Method):
         layout = batch["layout"]
         rows = batch["recovery_rows"]
         cut = layout.prompt_lengths[rows]  # a recovery row's "prompt" is its harmful prefix
-        anchor = pool_tokens(hidden, layout.span(rows, start=0, stop=cut), o.pooling)
+        anchor = pool_tokens(sides["anchor"], layout.span(rows, start=0, stop=cut), o.pooling)
         harmful = batch["negative_rows"][batch["recovery_example"], 0]
-        negatives = pool_tokens(hidden, layout.span(harmful, start=cut), o.pooling)[:, None, :]
+        negatives = pool_tokens(sides["candidates"], layout.span(harmful, start=cut), o.pooling)[:, None, :]
         # One id per (example, cut): copies of an example count once, its cuts are distinct anchors.
         ids = batch["example_ids"][batch["recovery_example"]] * max(o.recovery_cuts, 1) + \
             torch.arange(rows.shape[0]) % max(o.recovery_cuts, 1)
