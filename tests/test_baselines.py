@@ -252,3 +252,29 @@ def test_icu_second_stopping_rule_stops_only_when_both_measures_are_below(setup)
     run = StopRuleRun(examples, 0.0, "x")
     method.on_epoch_start(run)
     assert run.subset == [0, 1, 2] and len(run.asked) == 1
+
+
+def test_memorization_accuracy_counts_greedy_hits_on_response_tokens(toy):
+    from wpn_dist.app import toy_world
+    from wpn_dist.app.data import encode_normal
+    from wpn_dist.app.evaluation import memorization_accuracy, perplexity
+    world, tokenizer, _, _, load = toy
+    model = load().eval()
+    # memorised harmful answers, and refusals to the same prompts that the model never gave
+    rows = world.extraction_rows()[:4] + [{"prompt": r["prompt"], "response": world.refusal("it")}
+                                          for r in world.extraction_rows()[:4]]
+    hits, total, nll = 0, 0, 0.0
+    with torch.no_grad():
+        for pair in encode_normal(rows, tokenizer, toy_world.PROMPT_FORMAT, 64):  # each row alone, by hand
+            ids = torch.tensor([pair.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1]
+            targets = ids[0, 1:]
+            response = torch.arange(targets.shape[0]) >= pair.prompt_length - 1
+            hits += int((logits.argmax(-1) == targets)[response].sum())
+            total += int(response.sum())
+            nll += float(F.cross_entropy(logits[response], targets[response], reduction="sum"))
+    assert 0.3 < hits / total < 0.9  # the harmful answers are known, the refusals are not
+    accuracy = memorization_accuracy(model, tokenizer, rows, toy_world.PROMPT_FORMAT, 64, 3)
+    assert accuracy == pytest.approx(hits / total)
+    assert perplexity(model, tokenizer, rows, toy_world.PROMPT_FORMAT, 64, 3) == pytest.approx(math.exp(nll / total),
+                                                                                              rel=1e-5)

@@ -31,58 +31,53 @@ def rate_with_interval(flags: list, num_resamples: int = 1000, seed: int = 0) ->
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, rows: list, prompt_format: str, max_length: int, batch_size: int) -> float:
-    """Perplexity of the responses of ``rows`` ({prompt, response}) given their prompts, teacher-forced.
-    Sharded over ranks with equal batch counts (collective under ZeRO-3)."""
+def _teacher_forced(model, tokenizer, rows: list, prompt_format: str, max_length: int, batch_size: int, score):
+    """Sum over this rank's share of ``rows`` ({prompt, response}) of ``score(logits, labels)`` -> (a
+    number, a token count), for next-token ``logits`` [n, T-1, V] and ``labels`` [n, T-1] (-100 off the
+    responses), then summed over ranks. Every rank runs the same number of batches (collective under
+    ZeRO-3); a rank's padding slots run row 0 and are not counted."""
     from .data import encode_normal, lm_batch
     pairs = encode_normal(rows, tokenizer, prompt_format, max_length)
     share = rank_share(len(pairs))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll, tokens = 0.0, 0
-    for start in range(0, len(share), batch_size):
-        indices = share[start:start + batch_size]
-        count = sum(i is not None for i in indices)  # real rows come first; padding runs pair 0, not counted
-        batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"][:count, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(logits[:count, :-1].float().reshape(-1, logits.shape[-1]),
-                                                   labels.reshape(-1), ignore_index=-100, reduction="sum")
-        nll += losses.item()
-        tokens += int((labels != -100).sum())
+    value, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(share), batch_size):
+            indices = share[start:start + batch_size]
+            count = sum(i is not None for i in indices)  # real rows come first
+            batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"][:count, 1:].to(device)
+            v, n = score(logits[:count, :-1].float(), labels)
+            value, tokens = value + v, tokens + n
     if was_training:
         model.train()
-    nll, tokens = distributed.all_reduce_sum(nll), distributed.all_reduce_sum(tokens)
-    return math.exp(nll / max(tokens, 1))
+    return distributed.all_reduce_sum(value), distributed.all_reduce_sum(tokens)
+
+
+def perplexity(model, tokenizer, rows: list, prompt_format: str, max_length: int, batch_size: int) -> float:
+    """Perplexity of the responses of ``rows`` ({prompt, response}) given their prompts, teacher-forced.
+    Sharded over ranks with equal batch counts (collective under ZeRO-3)."""
+    def nll(logits, labels):
+        summed = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                   ignore_index=-100, reduction="sum")
+        return summed.item(), int((labels != -100).sum())
+    total, tokens = _teacher_forced(model, tokenizer, rows, prompt_format, max_length, batch_size, nll)
+    return math.exp(total / max(tokens, 1))
 
 
 def memorization_accuracy(model, tokenizer, rows: list, prompt_format: str, max_length: int, batch_size: int) -> float:
     """Memorisation accuracy (Tirumala et al. 2022, as ICU and Jang et al. use it): the share of the
     response tokens of ``rows`` ({prompt, response}) that the model's greedy next-token prediction gets
     right, teacher-forced, pooled over the rows' tokens. Sharded like ``perplexity`` (collective)."""
-    from .data import encode_normal, lm_batch
-    pairs = encode_normal(rows, tokenizer, prompt_format, max_length)
-    share = rank_share(len(pairs))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    right, tokens = 0, 0
-    with torch.no_grad():
-        for start in range(0, len(share), batch_size):
-            indices = share[start:start + batch_size]
-            count = sum(i is not None for i in indices)
-            batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"][:count, 1:].to(device)
-            counted = labels != -100
-            right += int(((logits[:count, :-1].argmax(-1) == labels) & counted).sum())
-            tokens += int(counted.sum())
-    if was_training:
-        model.train()
-    right, tokens = distributed.all_reduce_sum(right), distributed.all_reduce_sum(tokens)
-    return right / max(tokens, 1)
+    def right(logits, labels):
+        counted = labels != -100
+        return int(((logits.argmax(-1) == labels) & counted).sum()), int(counted.sum())
+    hits, tokens = _teacher_forced(model, tokenizer, rows, prompt_format, max_length, batch_size, right)
+    return hits / max(tokens, 1)
 
 
 def evaluate_model(model, tokenizer, splits: dict, judge, normal_rows: list, prompt_format: str,
