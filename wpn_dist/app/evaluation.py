@@ -43,16 +43,15 @@ def _teacher_forced(model, tokenizer, rows: list, prompt_format: str, max_length
     model.eval()
     device = next(model.parameters()).device
     value, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(share), batch_size):
-            indices = share[start:start + batch_size]
-            count = sum(i is not None for i in indices)  # real rows come first
-            batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"][:count, 1:].to(device)
-            v, n = score(logits[:count, :-1].float(), labels)
-            value, tokens = value + v, tokens + n
+    for start in range(0, len(share), batch_size):
+        indices = share[start:start + batch_size]
+        count = sum(i is not None for i in indices)  # real rows come first
+        batch = lm_batch([pairs[i if i is not None else 0] for i in indices], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"][:count, 1:].to(device)
+        v, n = score(logits[:count, :-1].float(), labels)
+        value, tokens = value + v, tokens + n
     if was_training:
         model.train()
     return distributed.all_reduce_sum(value), distributed.all_reduce_sum(tokens)

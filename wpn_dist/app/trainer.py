@@ -51,11 +51,9 @@ def resolve_defaults(cfg: RunConfig) -> None:
     if cfg.data.normal_data is None and cfg.data.data == "toy":
         cfg.data.normal_data = "toy"
     if hasattr(cfg.method_options, "resolve_defaults"):
-        cfg.method_options.resolve_defaults(toy_world=is_toy, has_normal_data=cfg.data.normal_data is not None)
-    if cfg.method.method == "wpn" and cfg.data.normal_data is None and not cfg.method_options.recovery_cuts:
-        distributed.print0("wpn_dist: no --normal_data, so WPN runs without its retain, retention and recovery terms "
-                           "(on the toy world the recovery cuts without a retain term make the model refuse "
-                           "everything): answers pre-started harmfully are not unlearned. Give --normal_data to have them.")
+        notes = cfg.method_options.resolve_defaults(toy_world=is_toy, has_normal_data=cfg.data.normal_data is not None)
+        for note in notes or ():
+            distributed.print0(note)
     if is_toy and cfg.data.data != "toy":
         raise ConfigError("--model toy (the default) is the toy world's model; with your own --data pass --model too")
 

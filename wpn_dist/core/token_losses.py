@@ -27,16 +27,18 @@ def _weights(n: int, weights, device) -> torch.Tensor:
     return weights.to(device=device, dtype=torch.float32)
 
 
-def _chunked_sum(fn, logits: torch.Tensor, index: torch.Tensor, *per_token) -> torch.Tensor:
-    n = index.shape[0]
-    if n == 0:
-        return logits[:0].float().sum()  # keeps the graph: every rank produces every gradient
-    total = None
-    for start in range(0, n, CHUNK):
+def _chunks(fn, logits: torch.Tensor, index: torch.Tensor, *per_token):
+    """``fn(logits, index_chunk, *per_token_chunks)`` for each chunk of ``CHUNK`` tokens, recomputed in
+    backward when ``logits`` needs a gradient."""
+    for start in range(0, index.shape[0], CHUNK):
         part = [index[start:start + CHUNK]] + [t[start:start + CHUNK] for t in per_token]
-        value = checkpoint(fn, logits, *part, use_reentrant=False) if logits.requires_grad else fn(logits, *part)
-        total = value if total is None else total + value
-    return total
+        yield checkpoint(fn, logits, *part, use_reentrant=False) if logits.requires_grad else fn(logits, *part)
+
+
+def _chunked_sum(fn, logits: torch.Tensor, index: torch.Tensor, *per_token) -> torch.Tensor:
+    if index.shape[0] == 0:
+        return logits[:0].float().sum()  # keeps the graph: every rank produces every gradient
+    return sum(_chunks(fn, logits, index, *per_token))
 
 
 def _ce_each(logits, index, labels):
@@ -67,12 +69,7 @@ def token_nll_at(logits: torch.Tensor, index: torch.Tensor, labels: torch.Tensor
     in the same recomputed chunks."""
     if index.shape[0] == 0:
         return logits[:0, 0].float()
-    parts = []
-    for start in range(0, index.shape[0], CHUNK):
-        part = (index[start:start + CHUNK], labels[start:start + CHUNK])
-        parts.append(checkpoint(_ce_each, logits, *part, use_reentrant=False) if logits.requires_grad
-                     else _ce_each(logits, *part))
-    return torch.cat(parts)
+    return torch.cat(list(_chunks(_ce_each, logits, index, labels)))
 
 
 def kl_at(logits: torch.Tensor, index: torch.Tensor, reference: torch.Tensor,

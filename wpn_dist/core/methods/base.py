@@ -170,21 +170,21 @@ def reference_sequence_nll(reference, batch: dict, rows: torch.Tensor) -> torch.
     return sequence_nll(forward(reference, {"layout": sub}, logits_for=[tokens]), every, tokens)
 
 
-def row_mean(values: torch.Tensor, batch: dict, rows: torch.Tensor, key: str) -> torch.Tensor:
-    """``sum_r weight_r values_r / normalizer(key)``: a per-row term's mean over the step's rows."""
-    weights = row_weights(batch, rows)
+def _weighted_mean(values: torch.Tensor, weights, batch: dict, key: str) -> torch.Tensor:
     summed = values.sum() if weights is None else (values * weights.to(values.device)).sum()
     count = normalizer(batch, key)
     return summed / (max(values.shape[0], 1) if count is None else count)
 
 
+def row_mean(values: torch.Tensor, batch: dict, rows: torch.Tensor, key: str) -> torch.Tensor:
+    """``sum_r weight_r values_r / normalizer(key)``: a per-row term's mean over the step's rows."""
+    return _weighted_mean(values, row_weights(batch, rows), batch, key)
+
+
 def token_mean(per_token: torch.Tensor, batch: dict, rows: torch.Tensor, tokens, key: str) -> torch.Tensor:
     """``sum_t weight_t per_token_t / normalizer(key)`` over ``tokens`` of ``rows``: a per-token term's
     mean over the step's tokens (a padding copy's tokens weigh 0)."""
-    weights = token_weights(batch, rows, tokens)
-    summed = per_token.sum() if weights is None else (per_token * weights.to(per_token.device)).sum()
-    count = normalizer(batch, key)
-    return summed / (max(per_token.shape[0], 1) if count is None else count)
+    return _weighted_mean(per_token, token_weights(batch, rows, tokens), batch, key)
 
 
 def token_weights(batch: dict, rows: torch.Tensor, tokens):

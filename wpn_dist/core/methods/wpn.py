@@ -79,17 +79,25 @@ class WPNOptions:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
-    def resolve_defaults(self, toy_world: bool, has_normal_data: bool = False) -> None:
-        """The defaults come from the toy benchmark's ablation (README, "The efficacy table"); the retain
-        term needs normal data."""
+    def resolve_defaults(self, toy_world: bool, has_normal_data: bool = False) -> list:
+        """The defaults come from the toy benchmark's ablation (README, "The efficacy table"); the retain,
+        retention and recovery terms need normal data. Returns the notes the run should print."""
+        normal = toy_world or has_normal_data
+        notes = []
+        if self.recovery_cuts is None and not normal:
+            notes.append("wpn_dist: no --normal_data, so WPN runs without its retain, retention and recovery "
+                         "terms (on the toy world the recovery cuts without a retain term make the model refuse "
+                         "everything): answers pre-started harmfully are not unlearned. Give --normal_data to "
+                         "have them.")
         if self.positive_lm_weight is None:
             self.positive_lm_weight = 1.0
         if self.retain_weight is None:
-            self.retain_weight = 1.0 if (toy_world or has_normal_data) else 0.0
+            self.retain_weight = 1.0 if normal else 0.0
         if self.recovery_cuts is None:
-            self.recovery_cuts = 3 if (toy_world or has_normal_data) else 0
+            self.recovery_cuts = 3 if normal else 0
         if self.retention_weight is None:
-            self.retention_weight = 1.0 if (toy_world or has_normal_data) else 0.0
+            self.retention_weight = 1.0 if normal else 0.0
+        return notes
 
 
 @register
@@ -142,7 +150,8 @@ class WPN(Method):
         hidden = out.hidden(o.representation_layer)
         # The states each side of the N-pair terms is pooled from: the trained model's, or with
         # --frozen_side the frozen original model's for that side (constants: no gradient).
-        frozen = reference_states(reference, batch).hidden(o.representation_layer) if o.frozen_side != "none" else None
+        frozen = reference_states(reference, batch).hidden(o.representation_layer).float() \
+            if o.frozen_side != "none" else None
         sides = {"anchor": frozen if o.frozen_side == "anchor" else hidden,
                  "candidates": frozen if o.frozen_side == "candidates" else hidden}
         responses = pool_tokens(sides["candidates"], layout.span(all_rows(batch)), o.pooling)  # [S, D] fp32
@@ -178,18 +187,22 @@ class WPN(Method):
                 terms["loss/retain"] = cross_entropy(out, batch, rows, tokens["normal"], "tokens/normal")
             weights["retain"] = retain_weight
         if (o.retention_weight or 0) > 0:
-            terms["loss/retention"] = self._retention(hidden, batch, reference)
+            terms["loss/retention"] = self._retention(hidden, batch, reference, frozen)
             weights["retention"] = o.retention_weight
         return total(terms, weights)
 
-    def _retention(self, hidden, batch: dict, reference):
+    def _retention(self, hidden, batch: dict, reference, frozen_batch=None):
         """Mean over the normal rows' tokens of |h - h_frozen|^2 / |h_frozen|^2 at the representation
-        layer; the frozen states come from a forward of the reference over those rows only."""
+        layer. The frozen states are ``frozen_batch``'s (the reference's states of the whole batch) when
+        a frozen side already computed them, else from a forward of the reference over those rows only."""
         layout, rows = batch["layout"], batch["normal_rows"]
         tokens = layout.every_token(rows)
-        sub = layout.select(rows)
-        frozen = reference_states(reference, {"layout": sub}).hidden(self.options.representation_layer).float()
-        frozen = frozen[sub.every_token(range(len(sub.sequences))).flat]  # row-major, as ``tokens``
+        if frozen_batch is not None:
+            frozen = frozen_batch[tokens.flat]
+        else:
+            sub = layout.select(rows)
+            frozen = reference_states(reference, {"layout": sub}).hidden(self.options.representation_layer).float()
+            frozen = frozen[sub.every_token(range(len(sub.sequences))).flat]  # row-major, as ``tokens``
         moved = hidden[tokens.flat].float()
         per_token = (moved - frozen).pow(2).sum(-1) / frozen.pow(2).sum(-1).clamp_min(1e-6)
         return token_mean(per_token, batch, rows, tokens, "attended/normal")
