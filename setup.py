@@ -4,7 +4,23 @@ setup(
     name="wpn_dist",
     version="0.1.0",
     description="WPN unlearning (N-pair contrastive) for large causal LMs under DeepSpeed ZeRO-3",
-    packages=find_packages(include=["wpn_dist", "wpn_dist.*"]),
+    # ds_configs/ stays at the top of the checkout and is installed as the package data
+    # wpn_dist/ds_configs/ (read by wpn_dist/app/engine.py: the checkout's, else the installed one),
+    # so that `pip install .` has the named --ds_config files too. slurm/ is not shipped: its
+    # templates run from a checkout.
+    packages=find_packages(include=["wpn_dist", "wpn_dist.*"]) + ["wpn_dist.ds_configs"],
+    package_dir={"wpn_dist.ds_configs": "ds_configs"},
+    package_data={"wpn_dist.ds_configs": ["*.json", "*.yaml"]},
+    entry_points={"console_scripts": [
+        "wpn-train = wpn_dist.train:main",          # = deepspeed/torchrun/srun ... wpn_dist/train.py
+        "wpn-evaluate = wpn_dist.evaluate:main",
+        "wpn-toybench = wpn_dist.toybench:main",
+        "wpn-scaling = wpn_dist.scaling:main",
+        "wpn-memory = wpn_dist.memory:main",
+        "wpn-prepare = wpn_dist.prepare:main",
+        "wpn-export = wpn_dist.export:main",
+        "wpn-tiny-model = wpn_dist.tiny_model:main",
+    ]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -4,15 +4,23 @@
 # deepspeed launcher inside the job); wpn_dist.app.distributed.init() reads the rank from SLURM_PROCID,
 # SLURM_LOCALID and SLURM_NTASKS. See slurm/README.md.
 #
-# Knobs (environment variables; sbatch passes the submitting shell's environment to the job):
-#   MODEL, MODEL_INIT (pretrained), DATA (PKU-Alignment/PKU-SafeRLHF), DATA_FORMAT (pku for a hub
-#   name "org/name", else auto), DS_CONFIG (zero3), PRECISION (bf16), MICRO_BATCH_SIZE, GRAD_ACCUM (1),
-#   ACTIVATION_CHECKPOINTING (true), STEPS (the trainer's default), LR (the trainer's default),
-#   SAVE_EVERY (50), OUTPUT_ROOT (runs), OUTPUT_DIR ($OUTPUT_ROOT/$SLURM_JOB_NAME-$SLURM_JOB_ID),
-#   EXTRA_ARGS (more trainer options, split on whitespace; they come last, so they override the others),
-#   PYTHON (python3), SRUN_ARGS (more srun options), SRUN_WAIT (30: seconds the other ranks may run on
-#   after one has ended), WPN_DIST_MASTER_ADDR / WPN_DIST_MASTER_PORT (override the rendezvous),
-#   WPN_DIST_REQUEUE (1: requeue on a stop signal; 0: exit 99 instead),
+# Knobs (environment variables; sbatch passes the submitting shell's environment to the job; the
+# templates' defaults are in parentheses):
+#   CONFIG (a trainer config file, --config; its values beat the templates' defaults, knobs set in the
+#   environment beat it), MODEL, MODEL_INIT (pretrained), DATA (required: a file, or a hub id such as
+#   DATA=PKU-Alignment/PKU-SafeRLHF; not needed when CONFIG gives data:), DATA_FORMAT (pku for a hub id
+#   "org/name", else auto), DS_CONFIG (zero3), PRECISION (bf16), MICRO_BATCH_SIZE, GRAD_ACCUM (1),
+#   ACTIVATION_CHECKPOINTING (true), STEPS, LR (the trainer's defaults), SAVE_EVERY (50), LOG_EVERY,
+#   EXPORT_HF (the trainer's), OUTPUT_ROOT ($SCRATCH/wpn_dist; required when SCRATCH is unset),
+#   OUTPUT_DIR ($OUTPUT_ROOT/$SLURM_JOB_NAME-$SLURM_JOB_ID), EXTRA_ARGS (more trainer options, split with
+#   shell quoting: EXTRA_ARGS='--prompt_format "Q: {prompt} A:"'), then the batch script's own arguments
+#   (`sbatch slurm/x.sh --opt value`; they come last, so they override everything), PYTHON (python3),
+#   HF_HOME (passed through: the cache `python -m wpn_dist.prepare` filled), WPN_DIST_OFFLINE (1: the
+#   default of HF_HUB_OFFLINE and HF_DATASETS_OFFLINE; 0: compute nodes may download),
+#   TORCH_EXTENSIONS_DIR ($HF_HOME/torch_extensions when HF_HOME is set), OMP_NUM_THREADS
+#   (--cpus-per-task, else 1), SRUN_ARGS (more srun options, shell quoting), SRUN_WAIT (30: seconds the
+#   other ranks may run on after one has ended), WPN_DIST_MASTER_ADDR / WPN_DIST_MASTER_PORT (override the
+#   rendezvous), WPN_DIST_REQUEUE (1: requeue on a stop signal; 0: exit 99 instead),
 #   WPN_DIST_DRY_RUN=1 (print what would run; no Slurm needed), WPN_DIST_HOSTS (dry run: host names).
 
 set -eo pipefail
@@ -90,6 +98,17 @@ wpn_sbatch_option() {
     done <"$file" | tail -n 1
 }
 
+# Split $2 into words with shell quoting rules into the array named $1
+# ('--prompt_format "Q: {prompt} A:"' -> 2 words). xargs does the quoting (quotes and backslashes only: no
+# expansion, nothing is run, unlike eval). Returns 1 on unbalanced quotes.
+wpn_split_words() {
+    local -n words_=$1
+    words_=()
+    [[ -n ${2//[[:space:]]/} ]] || return 0
+    xargs printf '%s\0' <<<"$2" >/dev/null 2>&1 || return 1
+    mapfile -d '' words_ < <(xargs printf '%s\0' <<<"$2")
+}
+
 # tests/test_slurm.py sources this file for the functions above only.
 [[ ${WPN_DIST_FUNCTIONS_ONLY:-0} == 1 ]] && return 0
 
@@ -145,6 +164,17 @@ unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}  # its name before torch 2.2
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Compute nodes are often offline: by default the job reads models and datasets only from the cache that
+# `python -m wpn_dist.prepare --cache_dir DIR` filled on the login node (HF_HOME=DIR, passed through from the
+# submitting shell), and a missing file is an error instead of a hang. WPN_DIST_OFFLINE=0 (or the two
+# variables set to 0) lets nodes with internet download (once per node, by local rank 0).
+: "${WPN_DIST_OFFLINE:=1}"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$WPN_DIST_OFFLINE} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-$WPN_DIST_OFFLINE}
+# DeepSpeed's JIT-built ops: the prepare step prebuilds them in ${TORCH_EXTENSIONS_DIR:-$HF_HOME/torch_extensions}
+# (the same expression here), so that the ranks do not compile them on every node.
+if [[ -n ${HF_HOME:-} && -z ${TORCH_EXTENSIONS_DIR:-} ]]; then
+    export TORCH_EXTENSIONS_DIR=$HF_HOME/torch_extensions
+fi
 export PYTHONUNBUFFERED=1
 # The time a rank has to save after a stop signal (wpn_dist/app/trainer.py, StopSignal.seconds_left): this
 # script's --signal=USR1@T margin, and Slurm's KillWait between SIGTERM and SIGKILL. A save that cannot
@@ -159,37 +189,122 @@ fi
 export WPN_DIST_SIGNAL_MARGIN_S=${WPN_DIST_SIGNAL_MARGIN_S:-} WPN_DIST_KILL_WAIT_S=${WPN_DIST_KILL_WAIT_S:-30}
 
 # --- the trainer's command line ------------------------------------------------------------------------
+# Where each option comes from, weakest first: the trainer's default < the template's default (its
+# `: "${X:=...}"` lines and the ones below) < the CONFIG file < a knob set in the environment < EXTRA_ARGS
+# < the batch script's arguments. A template default is left out when the CONFIG file sets that option, so
+# the file is never overridden by a value the user did not choose; a knob is the user's when it is exported
+# (sbatch's environment, `VAR=value sbatch ...`), a template default when only this shell set it.
 : "${MODEL:?the template must set MODEL}"
-: "${MODEL_INIT:=pretrained}"
-: "${DATA:=PKU-Alignment/PKU-SafeRLHF}"
+: "${PYTHON:=python3}"
+CONFIG_KEYS=() CONFIG_DATA="" CONFIG_KEEPS=()
+if [[ -n ${CONFIG:-} ]]; then
+    [[ -f $CONFIG ]] || wpn_die "CONFIG=$CONFIG: no such file (relative paths are relative to $WPN_DIST_ROOT)"
+    # Its option names (a-b read as a_b) and its data:, read as the trainer reads the file
+    # (wpn_dist/app/options.py: YAML for .yaml/.yml, else JSON).
+    config_text=$("$PYTHON" - "$CONFIG" <<'PY'
+import json, sys
+path = sys.argv[1]
+try:
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            values = yaml.safe_load(f) or {}
+        else:
+            values = json.load(f)
+    assert isinstance(values, dict), "must hold a mapping of option: value"
+except Exception as e:  # one line, on stdout: the batch script's error message
+    print(f"cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    sys.exit(1)
+print(" ".join(str(k).replace("-", "_") for k in values))
+print("" if values.get("data") is None else values["data"])
+PY
+    ) || wpn_die "CONFIG=$CONFIG: $config_text"
+    read -r -a CONFIG_KEYS <<<"$(sed -n 1p <<<"$config_text")"
+    CONFIG_DATA=$(sed -n 2p <<<"$config_text")
+fi
+# A knob is the user's when exported (sbatch's environment), a template default when only this shell set it.
+wpn_from_env() { [[ ${!1@a} == *x* ]]; }
+wpn_in_config() { [[ " ${CONFIG_KEYS[*]} " == *" $1 "* ]]; }
+# Append `--OPTION "$KNOB"` to TRAIN when KNOB has a value, except a template default for an option that the
+# CONFIG file sets (the third argument, "user", counts the value as the user's).
+wpn_opt() {
+    local knob=$1 option=$2 user=${3:-}
+    [[ -n ${!knob:-} ]] || return 0
+    if [[ $user != user ]] && ! wpn_from_env "$knob" && wpn_in_config "$option"; then
+        CONFIG_KEEPS+=("$option")
+        return 0
+    fi
+    TRAIN+=("--$option" "${!knob}")
+}
+
+if [[ -z ${DATA:-} && -z $CONFIG_DATA ]]; then
+    wpn_die "DATA is not set: give your rows (DATA=/shared/data/rows.jsonl) or the hub dataset explicitly (DATA=PKU-Alignment/PKU-SafeRLHF), or data: in the CONFIG file"
+fi
+data_is_users=""
+[[ -n ${DATA:-} ]] && wpn_from_env DATA && data_is_users=user
+# What the trainer will read: the user's DATA, else the file's data:, else the template's DATA.
+data=${DATA:-}
+[[ -z $data_is_users && -n $CONFIG_DATA ]] && data=$CONFIG_DATA
 if [[ -z ${DATA_FORMAT:-} ]]; then
-    # A hub dataset name ("org/name", no such path, no file extension) is read as PKU-SafeRLHF.
-    if [[ ! -e $DATA && $DATA =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && ! $DATA =~ \.(jsonl?|parquet|csv)$ ]]; then
+    # A hub dataset name ("org/name", no such path, no file extension) is read as PKU-SafeRLHF. This guess
+    # goes with DATA: the user's when DATA is.
+    if [[ ! -e $data && $data =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && ! $data =~ \.(jsonl?|parquet|csv)$ ]]; then
         DATA_FORMAT=pku
     else
         DATA_FORMAT=auto
     fi
+    data_format_is_users=$data_is_users
+else
+    data_format_is_users=""
 fi
+: "${MODEL_INIT:=pretrained}"
 : "${DS_CONFIG:=zero3}"
 : "${PRECISION:=bf16}"
 : "${MICRO_BATCH_SIZE:=4}"
 : "${GRAD_ACCUM:=1}"
 : "${ACTIVATION_CHECKPOINTING:=true}"
 : "${SAVE_EVERY:=50}"
-: "${OUTPUT_ROOT:=runs}"
-: "${OUTPUT_DIR:=$OUTPUT_ROOT/$SLURM_JOB_NAME-$SLURM_JOB_ID}"
-: "${PYTHON:=python3}"
-read -r -a EXTRA <<<"${TEMPLATE_ARGS:-} ${EXTRA_ARGS:-}"  # the template's extra defaults, then yours
-read -r -a SRUN_EXTRA <<<"${SRUN_ARGS:-}"
+# Runs go to a file system every node sees, and not into the checkout unless asked for.
+: "${OUTPUT_ROOT:=${SCRATCH:+$SCRATCH/wpn_dist}}"
+if [[ -z ${OUTPUT_DIR:-} ]]; then
+    [[ -n $OUTPUT_ROOT ]] ||
+        wpn_die "OUTPUT_ROOT is not set (nor SCRATCH): set OUTPUT_ROOT to a directory every node sees, or OUTPUT_ROOT=\$PWD/runs to keep the runs in the checkout"
+    OUTPUT_DIR=$OUTPUT_ROOT/$SLURM_JOB_NAME-$SLURM_JOB_ID
+fi
 
-TRAIN=("$PYTHON" wpn_dist/train.py --model "$MODEL" --model_init "$MODEL_INIT" --data "$DATA"
-    --data_format "$DATA_FORMAT" --ds_config "$DS_CONFIG" --precision "$PRECISION"
-    --micro_batch_size "$MICRO_BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACCUM"
-    --activation_checkpointing "$ACTIVATION_CHECKPOINTING" --save_every "$SAVE_EVERY")
-[[ -n ${STEPS:-} ]] && TRAIN+=(--steps "$STEPS")
-[[ -n ${LR:-} ]] && TRAIN+=(--lr "$LR")
-# A requeued job keeps its id, hence its run directory: --resume auto continues it.
-TRAIN+=(--output_dir "$OUTPUT_DIR" --resume auto "${EXTRA[@]}")
+# EXTRA_ARGS and SRUN_ARGS are split with shell quoting, so a value may hold spaces
+# (EXTRA_ARGS='--prompt_format "Q: {prompt} A:"'); nothing in them is expanded or run.
+wpn_split_words EXTRA "${EXTRA_ARGS:-}" || wpn_die "EXTRA_ARGS: unbalanced quotes in: ${EXTRA_ARGS}"
+wpn_split_words SRUN_EXTRA "${SRUN_ARGS:-}" || wpn_die "SRUN_ARGS: unbalanced quotes in: ${SRUN_ARGS}"
+# The file must come through CONFIG: given as --config, the template would not know to leave its values alone.
+for word in "${EXTRA[@]}" "$@"; do
+    [[ $word == --config || $word == --config=* ]] &&
+        wpn_die "give the trainer config file as CONFIG=FILE, not --config in EXTRA_ARGS or the script's arguments"
+done
+
+TRAIN=("$PYTHON" wpn_dist/train.py)
+[[ -n ${CONFIG:-} ]] && TRAIN+=(--config "$CONFIG")
+wpn_opt MODEL model
+wpn_opt MODEL_INIT model_init
+wpn_opt DATA data "$data_is_users"
+wpn_opt DATA_FORMAT data_format "$data_format_is_users"
+wpn_opt DS_CONFIG ds_config
+wpn_opt PRECISION precision
+wpn_opt MICRO_BATCH_SIZE micro_batch_size
+wpn_opt GRAD_ACCUM gradient_accumulation_steps
+wpn_opt ACTIVATION_CHECKPOINTING activation_checkpointing
+wpn_opt STEPS steps
+wpn_opt LR lr
+wpn_opt SAVE_EVERY save_every
+wpn_opt LOG_EVERY log_every
+wpn_opt EXPORT_HF export_hf
+# A requeued job keeps its id, hence its run directory: --resume auto continues it. These two are always
+# the template's (a file's output_dir/resume would break the requeue); EXTRA_ARGS, then the script's own
+# arguments (`sbatch slurm/x.sh --opt value`) come last and override everything.
+for option in output_dir resume; do
+    wpn_in_config "$option" && wpn_log "CONFIG=$CONFIG sets $option: replaced by the template's --output_dir $OUTPUT_DIR --resume auto"
+done
+TRAIN+=(--output_dir "$OUTPUT_DIR" --resume auto "${EXTRA[@]}" "$@")
 
 # Not --kill-on-bad-exit=1: on a stop signal every rank exits 99 after the checkpoint, and the first one to
 # exit would make srun kill the others (srun then reports 143, not 99: the job would not be requeued).
@@ -203,6 +318,11 @@ SRUN=(srun --kill-on-bad-exit=0 --wait="$SRUN_WAIT" --distribution=block --ntask
 SRUN+=("${SRUN_EXTRA[@]}")
 
 quoted() { printf '%q ' "$@" | sed 's/ $//'; }
+# The environment that decides where the ranks read from and how many threads they use.
+ENV_SHOWN=(OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE HF_DATASETS_OFFLINE TORCH_EXTENSIONS_DIR)
+env_line=$(for name in "${ENV_SHOWN[@]}"; do printf '%s=%q ' "$name" "${!name:-}"; done | sed 's/ $//')
+config_line=""
+[[ -n ${CONFIG:-} ]] && config_line="CONFIG=$CONFIG sets ${CONFIG_KEYS[*]:-nothing}; the template's defaults left to it: ${CONFIG_KEEPS[*]:-none}"
 
 if [[ $DRY_RUN == 1 ]]; then
     echo "# dry run of job $SLURM_JOB_NAME (id $SLURM_JOB_ID): ${#HOST_ARRAY[@]} node(s), $SLURM_NTASKS rank(s), tasks per node $SLURM_TASKS_PER_NODE"
@@ -210,6 +330,8 @@ if [[ $DRY_RUN == 1 ]]; then
     echo "srun: $(quoted "${SRUN[@]}" "${TRAIN[@]}")"
     echo "# each task: wpn_dist.app.distributed.init() sets RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID WORLD_SIZE=SLURM_NTASKS"
     echo "# stop deadlines: WPN_DIST_SIGNAL_MARGIN_S=$WPN_DIST_SIGNAL_MARGIN_S WPN_DIST_KILL_WAIT_S=$WPN_DIST_KILL_WAIT_S"
+    echo "# env: $env_line"
+    [[ -z $config_line ]] || echo "# config: $config_line"
     rank=0 node=0
     while read -r count; do
         for ((local = 0; local < count; local++)); do
@@ -226,6 +348,8 @@ fi
 
 # --- run -------------------------------------------------------------------------------------------------
 wpn_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME), restart ${SLURM_RESTART_COUNT:-0}, nodes $(paste -sd, <<<"$HOSTS"), $SLURM_NTASKS ranks; rendezvous $MASTER_ADDR:$MASTER_PORT; run directory $OUTPUT_DIR"
+wpn_log "env: $env_line"
+[[ -z $config_line ]] || wpn_log "$config_line"
 wpn_log "$(quoted "${SRUN[@]}" "${TRAIN[@]}")"
 
 # srun runs in the background so that this shell survives a SIGTERM (preemption, scancel, time limit) and

@@ -1,7 +1,7 @@
 #!/bin/bash
 # WPN unlearning of gpt-neox-20b under DeepSpeed ZeRO-3: 2 node(s) x 8 GPUs = 16 ranks, one Slurm task per GPU.
-# Submit from the repository root:   DATA=my_rows.jsonl sbatch slurm/gpt-neox-20b.sh
-# Preview without Slurm:             WPN_DIST_DRY_RUN=1 bash slurm/gpt-neox-20b.sh
+# Submit from the repository root:   DATA=my_rows.jsonl OUTPUT_ROOT=/shared/runs sbatch slurm/gpt-neox-20b.sh
+# Preview without Slurm:             WPN_DIST_DRY_RUN=1 DATA=my_rows.jsonl OUTPUT_ROOT=/shared/runs bash slurm/gpt-neox-20b.sh
 # Knobs and the design: slurm/README.md. Command-line sbatch options override the lines below.
 #SBATCH --job-name=wpn-gpt-neox-20b
 #SBATCH --nodes=2

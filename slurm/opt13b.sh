@@ -1,7 +1,7 @@
 #!/bin/bash
 # WPN unlearning of opt-13b under DeepSpeed ZeRO-3: 2 node(s) x 8 GPUs = 16 ranks, one Slurm task per GPU.
-# Submit from the repository root:   DATA=my_rows.jsonl sbatch slurm/opt13b.sh
-# Preview without Slurm:             WPN_DIST_DRY_RUN=1 bash slurm/opt13b.sh
+# Submit from the repository root:   DATA=my_rows.jsonl OUTPUT_ROOT=/shared/runs sbatch slurm/opt13b.sh
+# Preview without Slurm:             WPN_DIST_DRY_RUN=1 DATA=my_rows.jsonl OUTPUT_ROOT=/shared/runs bash slurm/opt13b.sh
 # Knobs and the design: slurm/README.md. Command-line sbatch options override the lines below.
 #SBATCH --job-name=wpn-opt-13b
 #SBATCH --nodes=2

@@ -1,7 +1,7 @@
 #!/bin/bash
 # WPN unlearning of opt-6.7b under DeepSpeed ZeRO-3: 1 node(s) x 8 GPUs = 8 ranks, one Slurm task per GPU.
-# Submit from the repository root:   DATA=my_rows.jsonl sbatch slurm/opt6.7b.sh
-# Preview without Slurm:             WPN_DIST_DRY_RUN=1 bash slurm/opt6.7b.sh
+# Submit from the repository root:   DATA=my_rows.jsonl OUTPUT_ROOT=/shared/runs sbatch slurm/opt6.7b.sh
+# Preview without Slurm:             WPN_DIST_DRY_RUN=1 DATA=my_rows.jsonl OUTPUT_ROOT=/shared/runs bash slurm/opt6.7b.sh
 # Knobs and the design: slurm/README.md. Command-line sbatch options override the lines below.
 #SBATCH --job-name=wpn-opt-6.7b
 #SBATCH --nodes=1

@@ -164,6 +164,19 @@ def test_cli_example():
     assert any(line.startswith("* ZeRO-3 offload") and line.endswith(f"{mb} ({2 * mb})") for line in lines)
 
 
+def test_cli_prints_the_disk_a_run_needs():
+    # A bf16 ZeRO checkpoint holds the fp32 master weights and both Adam moments (12 B) and the bf16
+    # weights (2 B) of every parameter; the export, the bf16 weights.
+    out = run_cli("--model", "opt-66b", "--keep_checkpoints", "3")
+    assert out.returncode == 0, out.stderr
+    from wpn_dist.app.models import MODEL_SPECS, count_parameters
+    n = count_parameters(MODEL_SPECS["opt-66b"])
+    one = n * 14 / 2**30
+    assert f"one checkpoint {one:,.1f} GiB" in out.stdout
+    assert f"3 kept + 1 being written = {4 * one:,.1f} GiB" in out.stdout
+    assert f"export {n * 2 / 2**30:,.1f} GiB" in out.stdout
+
+
 def test_cli_unknown_model():
     out = run_cli("--model", "no-such-model")
     assert out.returncode == 2

@@ -1,6 +1,7 @@
-"""The Slurm templates (slurm/*.sh): syntax and dry runs, then end to end against a real one-node Slurm on
-localhost (munged, slurmctld, slurmd started by the `slurm` fixture, stopped by PID afterwards): a run
-completes; a stop signal checkpoints, requeues and resumes exactly; a SIGKILLed rank ends the job
+"""The Slurm templates (slurm/*.sh): syntax and dry runs (also of the knobs for a real cluster: CONFIG, DATA,
+EXTRA_ARGS and script arguments, OUTPUT_ROOT/SCRATCH, the offline caches), then end to end against a real
+one-node Slurm on localhost (munged, slurmctld, slurmd started by the `slurm` fixture, stopped by PID
+afterwards): a run of a saved tiny model, offline, with a CONFIG file and script arguments, completes; a stop signal checkpoints, requeues and resumes exactly; a SIGKILLed rank ends the job
 without hanging and a resubmission resumes; a two-"node" run started the way the templates start it
 matches a one-node run.
 
@@ -34,12 +35,46 @@ RANK_LINE = re.compile(r"^rank: host=(\S+) RANK=(\d+) LOCAL_RANK=(\d+) WORLD_SIZ
 
 # --- helpers -----------------------------------------------------------------------------------------
 
-def dry_run(template: str, cwd: str = REPO, **env) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WPN_DIST_"))}
-    result = subprocess.run(["bash", os.path.join(SLURM_DIR, f"{template}.sh")], cwd=cwd, capture_output=True,
-                            text=True, timeout=60, env=dict(base, WPN_DIST_DRY_RUN="1", **env))
-    assert result.returncode == 0, result.stdout + result.stderr
+# The templates' knobs that a developer's shell may hold; the dry runs start without them.
+KNOBS = ("CONFIG", "MODEL", "MODEL_INIT", "DATA", "DATA_FORMAT", "DS_CONFIG", "PRECISION", "MICRO_BATCH_SIZE",
+         "GRAD_ACCUM", "ACTIVATION_CHECKPOINTING", "STEPS", "LR", "SAVE_EVERY", "LOG_EVERY", "EXPORT_HF",
+         "OUTPUT_ROOT", "OUTPUT_DIR", "SCRATCH", "EXTRA_ARGS", "SRUN_ARGS", "PYTHON", "HF_HOME", "HF_HUB_OFFLINE",
+         "HF_DATASETS_OFFLINE", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
+# What every template needs from the user (tiny.sh has its own DATA).
+REQUIRED = {"DATA": "tests/data/tiny.jsonl", "OUTPUT_ROOT": "runs"}
+
+
+def dry_run(template: str, cwd: str = REPO, args=(), check: bool = True, required: bool = True,
+            **env) -> subprocess.CompletedProcess:
+    """`WPN_DIST_DRY_RUN=1 bash slurm/<template>.sh *args` with ``env`` (a None value: unset), by default with
+    REQUIRED's DATA and OUTPUT_ROOT."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WPN_DIST_")) and k not in KNOBS}
+    full = dict(base, WPN_DIST_DRY_RUN="1", **(REQUIRED if required else {}))
+    full.update(env)
+    full = {k: v for k, v in full.items() if v is not None}
+    result = subprocess.run(["bash", os.path.join(SLURM_DIR, f"{template}.sh"), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=60, env=full)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def srun_argv(output: str) -> list:
+    """The trainer's argv of the dry run's srun line (from the python, after srun's own options)."""
+    line = next(line for line in output.splitlines() if line.startswith("srun: "))
+    words = shlex.split(line[len("srun: "):])
+    return words[next(i for i, w in enumerate(words) if w.endswith("wpn_dist/train.py")) - 1:]
+
+
+def env_line(output: str) -> dict:
+    """The dry run's `# env:` line as a dict."""
+    line = next(line for line in output.splitlines() if line.startswith("# env: "))
+    return dict(word.split("=", 1) for word in shlex.split(line[len("# env: "):]))
+
+
+def options(argv: list) -> list:
+    """The --options of an argv, in order."""
+    return [w.split("=", 1)[0] for w in argv if w.startswith("--")]
 
 
 def rank_lines(output: str) -> list:
@@ -85,13 +120,14 @@ def assert_same_losses(got: dict, want: dict, steps) -> None:
 class Job:
     """One submission of slurm/tiny.sh: its id, output file and run directory."""
 
-    def __init__(self, cluster: LocalSlurm, tmp, **knobs):
+    def __init__(self, cluster: LocalSlurm, tmp, args=(), **knobs):
         self.cluster, self.tmp = cluster, str(tmp)
         os.makedirs(self.tmp, exist_ok=True)  # Slurm does not create the --output file's directory
         env = cluster.env(cpu_env(OUTPUT_ROOT=os.path.join(self.tmp, "runs"), **knobs))
         # sbatch from the repository root, as the README says: the job finds the checkout through
-        # SLURM_SUBMIT_DIR (Slurm runs a copy of the script from its spool directory).
-        self.id = cluster.sbatch(f"--output={self.tmp}/slurm-%x-%j.out", os.path.join("slurm", "tiny.sh"),
+        # SLURM_SUBMIT_DIR (Slurm runs a copy of the script from its spool directory). `args` are the batch
+        # script's own arguments (trainer options).
+        self.id = cluster.sbatch(f"--output={self.tmp}/slurm-%x-%j.out", os.path.join("slurm", "tiny.sh"), *args,
                                  env=env, cwd=REPO)
         self.output_path = os.path.join(self.tmp, f"slurm-wpn-tiny-{self.id}.out")
         self.run_dir = knobs.get("OUTPUT_DIR") or os.path.join(self.tmp, "runs", f"wpn-tiny-{self.id}")
@@ -175,7 +211,7 @@ def test_dry_run_of_opt66b_on_8_nodes_of_8_gpus():
         assert argv[1] == "wpn_dist/train.py"
         options = dict(zip(argv[2::2], argv[3::2]))
         assert options["--model"] == "opt-66b" and options["--resume"] == "auto"
-        assert options["--output_dir"] == "runs/wpn-opt-66b-4242"
+        assert options["--output_dir"] == "runs/wpn-opt-66b-4242"  # OUTPUT_ROOT=runs
 
 
 @pytest.mark.parametrize("name", MODEL_TEMPLATES)
@@ -201,6 +237,84 @@ def test_outside_slurm_without_dry_run_is_a_clear_error():
     assert result.returncode == 2 and "not inside a Slurm job" in result.stderr
 
 
+# --- the knobs for a real cluster: CONFIG, DATA, EXTRA_ARGS and arguments, OUTPUT_ROOT, offline caches ---------
+
+def test_config_file_beats_template_defaults_and_env_knobs_beat_the_file(tmp_path):
+    from wpn_dist.app.config import parse_config
+    config = tmp_path / "run.yaml"
+    config.write_text("precision: fp32\nmicro-batch-size: 2\ndata: PKU-Alignment/PKU-SafeRLHF\nsteps: 7\n")
+    # The file's precision, micro-batch and data win over opt6.7b.sh's bf16, 4 and (no) DATA; the template
+    # still sets what the file leaves alone (model, ds_config, ...), and the hub data is read as pku.
+    argv = srun_argv(dry_run("opt6.7b", CONFIG=str(config), DATA=None).stdout)
+    assert argv[2:4] == ["--config", str(config)]
+    assert not {"--precision", "--micro_batch_size", "--data", "--steps"} & set(options(argv))
+    cfg = parse_config(argv[2:])
+    assert (cfg.train.precision, cfg.train.micro_batch_size, cfg.train.steps) == ("fp32", 2, 7)
+    assert (cfg.model.model, cfg.data.data, cfg.data.data_format) == ("opt-6.7b", "PKU-Alignment/PKU-SafeRLHF", "pku")
+    assert (cfg.train.ds_config, cfg.train.save_every, cfg.train.resume) == ("zero3", 50, "auto")
+    # Knobs set in the environment, then EXTRA_ARGS, then the script's arguments beat the file.
+    result = dry_run("opt6.7b", CONFIG=str(config), PRECISION="bf16", MICRO_BATCH_SIZE="1", EXTRA_ARGS="--steps 8",
+                     args=["--steps", "9"])
+    cfg = parse_config(srun_argv(result.stdout)[2:])
+    assert (cfg.train.precision, cfg.train.micro_batch_size, cfg.train.steps) == ("bf16", 1, 9)
+    assert cfg.data.data == "tests/data/tiny.jsonl"
+    assert "# config: CONFIG=" in result.stdout and "left to it: none" in result.stdout  # DATA_FORMAT follows DATA
+
+
+def test_config_errors_are_one_line_before_srun(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases = {"missing.yaml": "CONFIG=missing.yaml: no such file", str(tmp_path / "list.json"): "must hold a mapping"}
+    for path, message in cases.items():
+        result = dry_run("opt6.7b", CONFIG=path, check=False)
+        assert result.returncode == 2 and not result.stdout, result.stdout
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    # --config must come as CONFIG (the template must know the file to leave its values alone).
+    result = dry_run("opt6.7b", args=["--config", str(tmp_path / "list.json")], check=False)
+    assert result.returncode == 2 and "CONFIG=FILE" in result.stderr and not result.stdout
+
+
+def test_data_must_be_given_explicitly():
+    result = dry_run("opt6.7b", DATA=None, check=False)
+    assert result.returncode == 2 and not result.stdout and result.stderr.count("\n") == 1
+    assert "DATA=PKU-Alignment/PKU-SafeRLHF" in result.stderr
+    argv = srun_argv(dry_run("opt6.7b", DATA="PKU-Alignment/PKU-SafeRLHF").stdout)
+    assert argv[argv.index("--data") + 1:argv.index("--data") + 4] == ["PKU-Alignment/PKU-SafeRLHF", "--data_format",
+                                                                        "pku"]
+
+
+def test_extra_args_keep_quoted_spaces_and_script_arguments_come_last():
+    extra = """--prompt_format "Q: {prompt} A:" --eval_prompts 'my prompts.jsonl' --lr 1e-4"""
+    result = dry_run("opt6.7b", EXTRA_ARGS=extra, LR="1e-5", args=["--max_length", "64", "--lr", "2e-4"])
+    for argv in [srun_argv(result.stdout)] + [r["argv"] for r in rank_lines(result.stdout)]:
+        tail = argv[argv.index("--resume") + 2:]
+        assert tail == ["--prompt_format", "Q: {prompt} A:", "--eval_prompts", "my prompts.jsonl", "--lr", "1e-4",
+                        "--max_length", "64", "--lr", "2e-4"]
+    result = dry_run("opt6.7b", EXTRA_ARGS='--prompt_format "Q: {prompt}', check=False)
+    assert result.returncode == 2 and "EXTRA_ARGS: unbalanced quotes" in result.stderr and not result.stdout
+
+
+def test_output_root_defaults_to_scratch_and_is_required_without_it():
+    result = dry_run("opt6.7b", OUTPUT_ROOT=None, check=False)
+    assert result.returncode == 2 and not result.stdout and result.stderr.count("\n") == 1
+    assert "OUTPUT_ROOT" in result.stderr and "SCRATCH" in result.stderr and "OUTPUT_ROOT=$PWD/runs" in result.stderr
+    argv = srun_argv(dry_run("opt6.7b", OUTPUT_ROOT=None, SCRATCH="/scratch/me").stdout)
+    assert argv[argv.index("--output_dir") + 1] == "/scratch/me/wpn_dist/wpn-opt-6.7b-12345"
+    argv = srun_argv(dry_run("opt6.7b", OUTPUT_ROOT=None, OUTPUT_DIR="/shared/run1").stdout)  # no root needed
+    assert argv[argv.index("--output_dir") + 1] == "/shared/run1"
+
+
+def test_offline_cache_and_threads_in_the_env_line():
+    env = env_line(dry_run("opt6.7b", HF_HOME="/shared/hf").stdout)
+    assert env == {"OMP_NUM_THREADS": "8", "HF_HOME": "/shared/hf", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "TORCH_EXTENSIONS_DIR": "/shared/hf/torch_extensions"}
+    env = env_line(dry_run("tiny", WPN_DIST_OFFLINE="0", TORCH_EXTENSIONS_DIR="/ext", OMP_NUM_THREADS="3").stdout)
+    assert env == {"OMP_NUM_THREADS": "3", "HF_HOME": "", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+                   "TORCH_EXTENSIONS_DIR": "/ext"}
+    env = env_line(dry_run("tiny", HF_HUB_OFFLINE="0").stdout)  # tiny.sh: --cpus-per-task=1
+    assert (env["OMP_NUM_THREADS"], env["HF_HUB_OFFLINE"], env["HF_DATASETS_OFFLINE"], env["TORCH_EXTENSIONS_DIR"]) \
+        == ("1", "0", "1", "")
+
+
 # --- a real Slurm on localhost -----------------------------------------------------------------------------
 
 def test_hostlist_expansion_matches_scontrol(slurm):
@@ -212,17 +326,34 @@ def test_hostlist_expansion_matches_scontrol(slurm):
 
 
 def test_tiny_template_completes_on_two_tasks(slurm, tmp_path):
-    job = Job(slurm, tmp_path)
+    """As on a real cluster: a model saved on a shared disk (`python -m wpn_dist.tiny_model`, loaded as
+    pretrained under ZeRO-3), offline from HF_HOME, a CONFIG file whose values beat the template's defaults
+    (tiny.sh's STEPS=8, LOG_EVERY=1), and a trainer option with spaces as the batch script's own argument,
+    which sbatch hands to the script."""
+    from wpn_dist.bench.tiny_model import save_tiny_model
+    model = save_tiny_model(str(tmp_path / "tiny-opt"))
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 6\nlog_every: 2\n")
+    hf_home = tmp_path / "hf"
+    job = Job(slurm, tmp_path, args=["--prompt_format", "Q: {prompt} A:"], MODEL=model, CONFIG=str(config),
+              HF_HOME=str(hf_home))
     job.wait_completed()
     run = job.run_dir
     summary = json.loads(open(os.path.join(run, "summary.json")).read())
-    assert (summary["world_size"], summary["steps"], summary["first_step"]) == (2, 8, 1)
+    assert (summary["world_size"], summary["steps"], summary["first_step"]) == (2, 6, 1)
+    resolved = json.loads(open(os.path.join(run, "config.json")).read())
+    assert (resolved["model"]["model"], resolved["model"]["model_init"]) == (model, "pretrained")
+    assert resolved["data"]["prompt_format"] == "Q: {prompt} A:" and resolved["train"]["log_every"] == 2
     newest = checkpoint.newest_complete(run)
-    assert newest.endswith("step00000008") and checkpoint.problem_with(newest) is None
+    assert newest.endswith("step00000006") and checkpoint.problem_with(newest) is None
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(run, "tensorboard")))
-    assert sorted(losses(run)) == list(range(1, 9))
+    assert sorted(losses(run)) == [2, 4, 6]
     output = job.output()
     assert f"job {job.id} (wpn-tiny), restart 0, nodes localhost, 2 ranks" in output
+    # A TORCH_EXTENSIONS_DIR of the test's environment is kept (its ops are built there already).
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or f"{hf_home}/torch_extensions"
+    assert f"env: OMP_NUM_THREADS=1 HF_HOME={hf_home} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 " \
+           f"TORCH_EXTENSIONS_DIR={extensions}" in output
     assert "world size 2" in output and "done in" in output
 
 

@@ -1,7 +1,11 @@
-"""Command line: ``python -m wpn_dist.memory`` (wpn_dist/bench/memory.py)."""
+"""Command line: ``python -m wpn_dist.memory``, installed also ``wpn-memory`` (wpn_dist/bench/memory.py)."""
 import sys
 
-from wpn_dist.bench.memory import main
+
+def main() -> None:
+    from wpn_dist.bench.memory import main as memory
+    sys.exit(memory())
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,5 +1,11 @@
-"""Command line: ``python -m wpn_dist.toybench`` (wpn_dist/bench/toybench.py)."""
-from wpn_dist.bench.toybench import main
+"""Command line: ``python -m wpn_dist.toybench``, installed also ``wpn-toybench``
+(wpn_dist/bench/toybench.py)."""
+
+
+def main() -> None:
+    from wpn_dist.bench.toybench import main as toybench
+    toybench()
+
 
 if __name__ == "__main__":
     main()

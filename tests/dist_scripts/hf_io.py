@@ -4,18 +4,22 @@ Argument (last, after the launcher's --local_rank): a work directory holding src
 the test). For each model: load it under ZeRO-3 through HfDeepSpeedConfig + from_pretrained, record
 whether it came out partitioned before deepspeed.initialize, gather every weight and compare it
 with the directory's, take three optimizer steps, save the engine's logits on a fixed input, and export
-it (fp32 and the default 16-bit). tiny-opt is also exported from a ZeRO-2 engine. Rank 0 writes
-results.json; the test asserts.
+it: in fp32 and bf16, and in the default dtype in shards of at most SHARD bytes; then an export whose
+second shard write fails on rank 0 (every rank must raise, none hang). tiny-opt is also exported from a
+ZeRO-2 engine, and from a ZeRO-3 engine trained in bf16 (the default export dtype follows training).
+Rank 0 writes results.json; the test asserts.
 """
 import json
 import os
 import sys
+import time
 
 import torch
 from safetensors.torch import load_file
 
 from wpn_dist.app import distributed, engine as engine_lib, models
 from wpn_dist.app.config import TrainArguments
+from wpn_dist.app import export as export_module
 from wpn_dist.app.export import export_hf
 
 work = sys.argv[-1]  # the launcher puts --local_rank first
@@ -29,6 +33,32 @@ world = distributed.world_size()
 # warmup_min_lr (0 here), so the first two optimizer steps run at lr 0: the third moves the weights.
 train = TrainArguments(micro_batch_size=2, steps=2, warmup_steps=0)
 probe = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(123))  # same on all ranks
+# Small enough that the tiny models come out in many shards, and that the embeddings (66 KB, 131 KB in
+# fp32) are single tensors bigger than a shard.
+SHARD = 40_000
+
+
+def export_failing_on_rank0(eng, tokenizer, out_dir):
+    """export_hf with rank 0's second shard write failing: every rank must raise, and soon. Returns
+    this rank's (error message or None, seconds it took)."""
+    real, calls = export_module._save_shard, []
+
+    def failing(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device (injected)", path)
+        real(tensors, path)
+
+    if distributed.is_main():  # only rank 0 writes; the other ranks go on gathering
+        export_module._save_shard = failing
+    started, message = time.time(), None
+    try:
+        export_hf(eng, tokenizer, out_dir, max_shard_size=SHARD)
+    except RuntimeError as e:
+        message = str(e)
+    finally:
+        export_module._save_shard = real
+    return message, time.time() - started
 
 
 def step_and_probe(eng, out):
@@ -96,9 +126,20 @@ for name in ("tiny-opt", "tiny-gpt-neo"):
         r["moved_by_step"] = (dict(eng.module.named_parameters())[first].detach() - source[first]).abs().max().item()
     r["gathered_before_export"] = [n for n, p in eng.module.named_parameters()
                                    if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+    # The trained weights, gathered one by one without export_hf: what its files must hold.
+    trained = {}
+    for n, p in eng.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            trained[n] = p.detach().cpu().clone()
+    if distributed.is_main():
+        torch.save(trained, os.path.join(out, "weights.pt"))
     export_hf(eng, tokenizer, os.path.join(out, "fp32"), dtype=torch.float32)
-    export_hf(eng, tokenizer, os.path.join(out, "bf16"))
+    export_hf(eng, tokenizer, os.path.join(out, "bf16"), dtype=torch.bfloat16)
     export_hf(eng, tokenizer, os.path.join(out, "fp32"), dtype=torch.float32)  # again: replaces it
+    export_hf(eng, tokenizer, os.path.join(out, "sharded"), max_shard_size=SHARD)  # default dtype: fp32
+    r["failure"] = distributed.gather_objects(export_failing_on_rank0(eng, tokenizer, os.path.join(out, "failed")))
+    # The ranks are still in step after the failure: the next export works.
+    export_hf(eng, tokenizer, os.path.join(out, "after_failure"), max_shard_size=SHARD)
     results[name] = r
     del eng, model
 
@@ -111,6 +152,14 @@ eng, _, _ = engine_lib.initialize(model, engine_lib.build_ds_config(train, 1e-3,
 step_and_probe(eng, out)
 export_hf(eng, tokenizer, os.path.join(out, "fp32"), dtype=torch.float32)
 results["tiny-opt-zero2"] = {"stage": eng.zero_optimization_stage()}
+del eng, model
+
+# ZeRO-3 trained in bf16: the default export writes bf16 (the training dtype).
+train.ds_config, train.precision = "zero3", "bf16"
+model = models.load_model(name, tokenizer, init="random", dtype=torch.bfloat16, seed=1)
+eng, _, _ = engine_lib.initialize(model, engine_lib.build_ds_config(train, 1e-3, world))
+export_hf(eng, tokenizer, os.path.join(work, "out", "tiny-opt-bf16", "sharded"), max_shard_size=SHARD)
+results["tiny-opt-bf16"] = {"stage": eng.zero_optimization_stage()}
 
 if distributed.is_main():
     with open(os.path.join(work, "results.json"), "w") as f:

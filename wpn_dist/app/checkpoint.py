@@ -191,6 +191,25 @@ def estimated_bytes(num_params: int, precision: str) -> int:
     return num_params * (12 + (2 if precision == "bf16" else 4))
 
 
+def disk_needs(num_params: int, precision: str, keep_checkpoints: int, export_bytes_per_param: int) -> dict:
+    """Bytes a run writes at its peak: ``keep_checkpoints`` complete checkpoints plus the next one
+    being written beside them (the oldest goes only once the new one is complete), and the export."""
+    one = estimated_bytes(num_params, precision)
+    kept = max(1, keep_checkpoints) if keep_checkpoints else None  # 0 keeps every checkpoint: no bound
+    return {"checkpoint": one, "checkpoints_peak": None if kept is None else one * (kept + 1),
+            "export": num_params * export_bytes_per_param}
+
+
+def describe_disk(needs: dict, keep_checkpoints: int) -> str:
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+    peak = (f"{keep_checkpoints} kept + 1 being written = {gib(needs['checkpoints_peak'])}"
+            if needs["checkpoints_peak"] is not None else "every checkpoint is kept (--keep_checkpoints 0): no bound")
+    total = "" if needs["checkpoints_peak"] is None else \
+        f"; at most {gib(needs['checkpoints_peak'] + needs['export'])} in all"
+    return (f"disk: one checkpoint {gib(needs['checkpoint'])} (fp32 master weights and Adam moments, 12 B per "
+            f"parameter, plus the training-dtype weights); {peak}; export {gib(needs['export'])}{total}")
+
+
 def measure_write_speed(directory: str, num_bytes: int = 16 << 20) -> float:
     """Bytes per second of a written and fsynced file in ``directory`` (which must exist)."""
     path = os.path.join(directory, f".write-speed-{os.getpid()}")

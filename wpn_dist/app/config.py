@@ -18,7 +18,8 @@ ConfigError = OptionError  # a bad option of a run: the message names it
 @dataclass
 class ModelArguments:
     model: str = field(default="toy", metadata={"help": "A name from wpn_dist.models.MODEL_SPECS (e.g. opt-1.3b), a "
-                       "local Hugging Face model directory, or 'toy' for the toy world's implanted model."})
+                       "local Hugging Face model directory, a hub id (org/name: fetched into the Hugging Face cache once "
+                       "per node, or read from it with HF_HUB_OFFLINE=1), or 'toy' for the toy world's implanted model."})
     model_init: Literal["pretrained", "random"] = field(default="pretrained", metadata={
         "help": "Load pretrained weights, or build the named architecture with random weights."})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "Tokenizer directory or hub name (default: the model's)."})
@@ -40,7 +41,10 @@ class DataArguments:
     data_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     prompt_format: str = field(default=PROMPT_FORMAT, metadata={
         "help": "Template around each prompt; the response follows after a space."})
-    max_length: int = field(default=256, metadata={"help": "Maximum tokens of prompt + response."})
+    max_length: Optional[int] = field(default=None, metadata={
+        "help": "Maximum tokens of prompt + response. Default: the data's 99th percentile of pair lengths rounded "
+                "up to a multiple of 64, within the model's context (the log prints the length distribution and "
+                "how many responses are truncated); 256 for the toy world."})
     overlong: Literal["error", "drop"] = field(default="error", metadata={
         "help": "A prompt with no room for a response within max_length: stop with an error, or drop the row "
                 "(counted in the log). Responses that do not fit are truncated (also counted)."})
@@ -52,7 +56,7 @@ class DataArguments:
     def __post_init__(self):
         if "{prompt}" not in self.prompt_format:
             raise ConfigError("--prompt_format must contain '{prompt}'")
-        if self.max_length < 2:
+        if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"--max_length must be at least 2, got {self.max_length}")
         if self.data_format == "toy" and self.data != "toy":
             raise ConfigError("--data_format toy needs --data toy")
@@ -73,8 +77,8 @@ class MethodArguments:
 @dataclass
 class TrainArguments:
     output_dir: Optional[str] = field(default=None, metadata={
-        "help": "Run directory (default: runs/<method>-<model>-<time>). An existing non-empty one is an error "
-                "unless --overwrite_output_dir."})
+        "help": "Run directory (default: <root>/<method>-<model>-<time>, where <root> is $OUTPUT_ROOT, else "
+                "$SCRATCH/wpn_dist, else runs/). An existing non-empty one is an error unless --overwrite_output_dir."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing run directory."})
     steps: int = field(default=120, metadata={"help": "Optimizer steps."})
     micro_batch_size: int = field(default=8, metadata={"help": "Examples per rank per forward pass."})
@@ -99,7 +103,13 @@ class TrainArguments:
         "help": "'auto': continue from the newest complete checkpoint in --output_dir if there is one; "
                 "a checkpoint directory: continue from it; 'never': start afresh."})
     export_hf: bool = field(default=True, metadata={
-        "help": "At the end, write the model in Hugging Face format (16-bit safetensors) to <output_dir>/hf."})
+        "help": "At the end, write the model in Hugging Face format (safetensors shards with an index, written "
+                "shard by shard from the ZeRO-3 partitions) to --export_dir."})
+    export_dir: Optional[str] = field(default=None, metadata={"help": "Where the export goes (default: <output_dir>/hf)."})
+    export_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
+        "help": "dtype of the exported weights; auto: the training dtype (--precision)."})
+    export_max_shard_size: str = field(default="5GB", metadata={
+        "help": "Largest safetensors file of the export (e.g. 5GB, 500MB, or bytes)."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignore."})
 
     def __post_init__(self):
@@ -136,6 +146,14 @@ class EvalArguments:
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch per rank."})
 
 
+EXPORT_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def export_dtype_name(train: "TrainArguments") -> str:
+    """The dtype an export is written in: --export_dtype, or the training dtype for auto."""
+    return train.precision if train.export_dtype == "auto" else train.export_dtype
+
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainArguments, EvalArguments)
 
 
@@ -159,17 +177,20 @@ class RunConfig:
         return out
 
 
-def parse_config(argv: list | None = None) -> RunConfig:
+def parse_config(argv: list | None = None, extra_classes: tuple = (), prog: str = "wpn_dist/train.py",
+                 description: str = "Unlearn a causal LM with WPN or a baseline under DeepSpeed."):
     """Parse defaults < --config file < command line into a validated RunConfig. Options of a method
-    other than the chosen one are an error when given."""
+    other than the chosen one are an error when given. With ``extra_classes`` (a command's own options
+    beside a run's, e.g. prepare's) returns (RunConfig, their instances)."""
     per_method = method_option_classes()
     # One dataclass per distinct Options class (methods without options share NoOptions).
     option_classes = list(dict.fromkeys(per_method.values()))
     try:
-        parsed, given = parse_options(ARGUMENT_CLASSES + tuple(option_classes), argv, prog="wpn_dist/train.py",
-                                      description="Unlearn a causal LM with WPN or a baseline under DeepSpeed.")
+        parsed, given = parse_options(tuple(extra_classes) + ARGUMENT_CLASSES + tuple(option_classes), argv,
+                                      prog=prog, description=description)
     except OptionError as e:
         raise ConfigError(str(e)) from None
+    extras, parsed = parsed[:len(extra_classes)], parsed[len(extra_classes):]
     run_parts, method_parts = parsed[:len(ARGUMENT_CLASSES)], dict(zip(option_classes, parsed[len(ARGUMENT_CLASSES):]))
     chosen = run_parts[2].method
     for name, cls in per_method.items():
@@ -178,4 +199,5 @@ def parse_config(argv: list | None = None) -> RunConfig:
         stray = sorted(given & {f.name for f in fields(cls)})
         if stray:
             raise ConfigError(f"--{stray[0]} is an option of --method {name}, not of --method {chosen}")
-    return RunConfig(*run_parts, method_options=method_parts[per_method[chosen]])
+    cfg = RunConfig(*run_parts, method_options=method_parts[per_method[chosen]])
+    return (cfg, extras) if extra_classes else cfg

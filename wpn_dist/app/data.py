@@ -135,7 +135,10 @@ def read_pku_saferlhf(source: str, split: str = "train") -> tuple:
 
 
 def detect_format(path: str) -> str:
-    """'jsonl' or 'pku' from the first row of a local file."""
+    """'jsonl' or 'pku' from the first row of a local file; a directory (a dataset on disk, or a hub
+    dataset's snapshot) is read by ``datasets`` in the PKU-SafeRLHF schema."""
+    if os.path.isdir(path):
+        return "pku"
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file (or pass --data_format pku for a hub dataset name)")
     with open(path, encoding="utf-8") as f:
@@ -157,6 +160,43 @@ def encode_pair(tokenizer, prompt_text: str, response: str, max_length: int) -> 
     response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     room = max(0, max_length - len(prompt_ids))
     return EncodedPair(prompt_ids + response_ids[:room], len(prompt_ids), truncated=len(response_ids) > room)
+
+
+@dataclass
+class LengthReport:
+    """Token lengths (prompt + response + EOS) of every pair of a data set, untruncated."""
+    lengths: list
+
+    def percentile(self, q: float) -> int:
+        ordered = sorted(self.lengths)
+        return ordered[min(len(ordered) - 1, max(0, -(-len(ordered) * q // 100) - 1))] if ordered else 0
+
+    def truncated_at(self, max_length: int) -> int:
+        return sum(n > max_length for n in self.lengths)
+
+    def default_max_length(self, context: int) -> int:
+        """The 99th percentile rounded up to a multiple of 64, within the model's context: at most 1% of
+        the responses are cut, and a few very long rows do not set every batch's size."""
+        return max(64, min(context, -(-self.percentile(99) // 64) * 64))
+
+    def describe(self, max_length: int) -> str:
+        return (f"token lengths (prompt + response) of {len(self.lengths)} pairs: median {self.percentile(50)}, "
+                f"p90 {self.percentile(90)}, p99 {self.percentile(99)}, max {max(self.lengths, default=0)}; "
+                f"{self.truncated_at(max_length)} responses longer than --max_length {max_length} are truncated")
+
+
+def token_lengths(examples: list, tokenizer, prompt_format: str) -> LengthReport:
+    """The untruncated length of every (prompt, response) pair as encode_pair tokenises it, in batched
+    tokenizer calls (fast on a large data set)."""
+    prompts = [prompt_format.format(prompt=ex.prompt) for ex in examples]
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    responses, owners = [], []
+    for i, ex in enumerate(examples):
+        for response in [ex.harmless] + ex.harmful:
+            responses.append(" " + response)
+            owners.append(i)
+    response_lengths = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    return LengthReport([prompt_lengths[i] + len(ids) + 1 for i, ids in zip(owners, response_lengths)])
 
 
 def encode_examples(examples: list, tokenizer, prompt_format: str, max_length: int,
@@ -250,6 +290,7 @@ def batch_to_device(batch: dict, device) -> dict:
 
 
 PROMPT_FORMAT = "### Question: {prompt} ### Answer:"  # the default of every command line
+TOY_MAX_LENGTH = 256  # --max_length of the toy world, and of evaluate: every toy pair fits in it
 
 
 def lm_batch(pairs: list, pad_id: int) -> dict:

@@ -7,8 +7,12 @@ import os
 from . import distributed
 from .options import OptionError as ConfigError
 
-DS_CONFIG_DIR = os.environ.get("WPN_DIST_DS_CONFIGS",
-                               os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ds_configs"))
+# The named configs: $WPN_DIST_DS_CONFIGS, else the installed package data (wpn_dist/ds_configs/, what
+# `pip install .` ships from the checkout's ds_configs/), else the checkout's top-level ds_configs/.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DS_CONFIG_DIR = os.environ.get("WPN_DIST_DS_CONFIGS") or next(
+    (d for d in (os.path.join(_PACKAGE_DIR, "ds_configs"), os.path.join(os.path.dirname(_PACKAGE_DIR), "ds_configs"))
+     if os.path.isdir(d)), os.path.join(os.path.dirname(_PACKAGE_DIR), "ds_configs"))
 
 
 def read_ds_config(name_or_path: str) -> dict:

@@ -13,8 +13,8 @@ from typing import Literal, Optional
 import torch
 
 from . import distributed
-from .config import DataArguments, EvalArguments
-from .data import PROMPT_FORMAT
+from .config import EvalArguments
+from .data import PROMPT_FORMAT, TOY_MAX_LENGTH
 from .generation import generate, rank_share  # noqa: F401 (evaluation's own use and re-export)
 from .options import OptionError, parse_options
 
@@ -251,7 +251,7 @@ class EvaluateOptions:
         "help": "Tokens generated per prompt."})
     batch_size: int = field(default=EvalArguments.eval_batch_size, metadata={
         "help": "Prompts (or normal rows) per batch per rank."})
-    max_length: int = field(default=DataArguments.max_length, metadata={
+    max_length: int = field(default=TOY_MAX_LENGTH, metadata={
         "help": "Token limit of prompt + response of a normal row (perplexity)."})
     zero3: bool = field(default=False, metadata={"help": "Partition the model over the ranks with ZeRO-3."})
     lm_eval_tasks: Optional[str] = field(default=None, metadata={
@@ -279,16 +279,22 @@ def main(argv=None) -> dict:
     """``python -m wpn_dist.evaluate --model DIR [options]``: evaluate a saved model (for instance a run's
     ``hf/`` export). One process, or several under ``deepspeed``/``torchrun`` (generation sharded, the
     model partitioned with ZeRO-3 when ``--zero3``)."""
+    distributed.check_launch()
     try:
         args = parse_evaluate_options(argv)
     except OptionError as e:
         distributed.fail(str(e))
+    distributed.default_threads()
 
     from . import models, toy_world as toy
     from .data import DataError, read_normal_jsonl
     try:
         if args.zero3 and args.lm_eval_tasks:
             raise ValueError("--lm_eval_tasks needs the whole model on each rank: leave out --zero3")
+        if args.lm_eval_tasks:  # now, not after the evaluation
+            from .extras import missing_extra
+            if problem := missing_extra("lmeval", "--lm_eval_tasks needs"):
+                raise ValueError(problem)
         if not models.is_local_model_dir(args.model):
             raise ValueError(f"--model {args.model}: not a local Hugging Face model directory (no config.json)")
         world = toy.make_world(toy.ToyWorldConfig(seed=args.toy_seed)) if args.toy_seed is not None else None

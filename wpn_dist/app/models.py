@@ -1,47 +1,15 @@
-"""Named model specs, and loading a model and tokenizer by spec name, hub name or local path.
+"""Building and loading a model and tokenizer by spec name (wpn_dist/app/model_specs.py), local path
+or hub id.
 
-A spec gives the architecture of a family member so that a model can be built with random weights
-(tests, benchmarks) and its size and FLOPs known without downloading it. ``pretrained`` loading goes
-through ``from_pretrained`` with the spec's hub id or a local directory.
+A spec's architecture builds a model with random weights (tests, benchmarks), and gives its size and
+FLOPs without downloading it. ``pretrained`` loading goes through ``from_pretrained`` on a local
+directory: a hub id's files are fetched into the cache first (wpn_dist/app/hub.py).
 """
 import os
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str  # "opt", "gpt_neo", "gptj", "gpt_neox"
-    hub_id: str | None
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    ffn_size: int
-    vocab_size: int
-    max_positions: int = 2048
-
-
-MODEL_SPECS = {s.name: s for s in [
-    ModelSpec("tiny-opt", "opt", None, 2, 64, 4, 256, 512, 512),
-    ModelSpec("tiny-gpt-neo", "gpt_neo", None, 2, 64, 4, 256, 512, 512),
-    # OPT's vocabulary on a CPU-sized body: where the LM head's cost shows (the cpu-pku benchmark)
-    ModelSpec("mini-opt", "opt", None, 4, 256, 4, 1024, 50272, 2048),
-    ModelSpec("opt-125m", "opt", "facebook/opt-125m", 12, 768, 12, 3072, 50272),
-    ModelSpec("opt-350m", "opt", "facebook/opt-350m", 24, 1024, 16, 4096, 50272),
-    ModelSpec("opt-1.3b", "opt", "facebook/opt-1.3b", 24, 2048, 32, 8192, 50272),
-    ModelSpec("opt-2.7b", "opt", "facebook/opt-2.7b", 32, 2560, 32, 10240, 50272),
-    ModelSpec("opt-6.7b", "opt", "facebook/opt-6.7b", 32, 4096, 32, 16384, 50272),
-    ModelSpec("opt-13b", "opt", "facebook/opt-13b", 40, 5120, 40, 20480, 50272),
-    ModelSpec("opt-30b", "opt", "facebook/opt-30b", 48, 7168, 56, 28672, 50272),
-    ModelSpec("opt-66b", "opt", "facebook/opt-66b", 64, 9216, 72, 36864, 50272),
-    ModelSpec("gpt-neo-125m", "gpt_neo", "EleutherAI/gpt-neo-125m", 12, 768, 12, 3072, 50257),
-    ModelSpec("gpt-neo-1.3b", "gpt_neo", "EleutherAI/gpt-neo-1.3B", 24, 2048, 16, 8192, 50257),
-    ModelSpec("gpt-neo-2.7b", "gpt_neo", "EleutherAI/gpt-neo-2.7B", 32, 2560, 20, 10240, 50257),
-    ModelSpec("gpt-j-6b", "gptj", "EleutherAI/gpt-j-6b", 28, 4096, 16, 16384, 50400),
-    ModelSpec("gpt-neox-20b", "gpt_neox", "EleutherAI/gpt-neox-20b", 44, 6144, 64, 24576, 50432),
-]}
+from .model_specs import MODEL_SPECS, ModelSpec  # noqa: F401 (the table lives there; hub.py reads it too)
 
 
 def is_local_model_dir(path: str) -> bool:
@@ -49,12 +17,14 @@ def is_local_model_dir(path: str) -> bool:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError unless ``name`` is a spec name or a local model directory."""
-    if name in MODEL_SPECS or is_local_model_dir(name):
+    """Raise ValueError unless ``name`` is a spec name, a local model directory or a hub id
+    ("org/name", fetched by wpn_dist.app.hub)."""
+    from .hub import is_hub_id
+    if name in MODEL_SPECS or is_local_model_dir(name) or is_hub_id(name):
         return
     hint = " (a directory, but it has no config.json)" if os.path.isdir(name) else ""
-    raise ValueError(f"--model {name!r} is neither a known model ({', '.join(MODEL_SPECS)}) nor a "
-                     f"local model directory{hint}")
+    raise ValueError(f"--model {name!r} is neither a known model ({', '.join(MODEL_SPECS)}), a "
+                     f"local model directory{hint}, nor a hub id (org/name)")
 
 
 def build_config(spec: ModelSpec, vocab_size: int | None = None, tokenizer=None):
@@ -89,13 +59,31 @@ def build_config(spec: ModelSpec, vocab_size: int | None = None, tokenizer=None)
 
 
 def meta_model(name: str):
-    """The architecture of a spec name or a local model directory, built on the meta device: sizes
-    without allocating weights or downloading anything."""
+    """The architecture of a spec name, a local model directory or a hub id, built on the meta device:
+    sizes without allocating weights (a hub id's config.json is fetched into the cache, or read from it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from .hub import fetch_all, model_fetch
     check_model_name(name)
-    config = build_config(MODEL_SPECS[name]) if name in MODEL_SPECS else AutoConfig.from_pretrained(name)
+    if name in MODEL_SPECS:
+        config = build_config(MODEL_SPECS[name])
+    else:
+        job = model_fetch(name, init="random")  # the config only
+        config = AutoConfig.from_pretrained(fetch_all([job])[job] if job is not None else name)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def context_length(model: str) -> int:
+    """Positions the model can attend over: a spec's, or a model directory's config.json (no weights
+    are read)."""
+    if model in MODEL_SPECS:
+        return MODEL_SPECS[model].max_positions
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 2048
 
 
 def count_parameters(spec: ModelSpec) -> int:

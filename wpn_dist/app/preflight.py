@@ -35,9 +35,9 @@ def _num_parameters(model: str) -> int:
     return sum(p.numel() for p in models.meta_model(model).parameters())
 
 
-def _check_model(cfg) -> None:
+def _check_model(cfg, model_dir: str) -> None:
     from . import models
-    name = cfg.model.model
+    name = model_dir
     if name == "toy" or cfg.model.model_init != "pretrained":
         return
     if name in models.MODEL_SPECS and models.MODEL_SPECS[name].hub_id is None:
@@ -79,6 +79,17 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
+def output_root() -> str:
+    """Where runs go without --output_dir: $OUTPUT_ROOT, else $SCRATCH/wpn_dist on a cluster that has
+    a scratch filesystem (checkpoints of large models do not belong in a home directory or a checkout),
+    else runs/ under the working directory."""
+    if os.environ.get("OUTPUT_ROOT"):
+        return os.environ["OUTPUT_ROOT"]
+    if os.environ.get("SCRATCH"):
+        return os.path.join(os.environ["SCRATCH"], "wpn_dist")
+    return "runs"
+
+
 def _check_output_dir(cfg, checkpoint_bytes: int) -> None:
     train = cfg.train
     out = train.output_dir
@@ -88,23 +99,26 @@ def _check_output_dir(cfg, checkpoint_bytes: int) -> None:
         if os.path.isdir(out) and os.listdir(out) and not train.overwrite_output_dir and train.resume == "never":
             raise OptionError(f"--output_dir {out} already holds a run; continue it with --resume auto, "
                               f"choose another directory, or pass --overwrite_output_dir")
-    where = _existing_ancestor(out if out is not None else "runs")
+    out_name = out or f"{output_root()}/"
+    where = _existing_ancestor(out if out is not None else output_root())
     if not os.access(where, os.W_OK):
-        raise OptionError(f"--output_dir {out or 'runs/'}: {where} is not writable")
+        raise OptionError(f"--output_dir {out_name}: {where} is not writable")
     needed = checkpoint_bytes * 11 // 10  # the next save, with a tenth to spare
     free = shutil.disk_usage(where).free
     if needed and free < needed:
-        raise OptionError(f"--output_dir {out or 'runs/'}: the next checkpoint needs about {needed / 2**30:.1f} GiB, "
+        raise OptionError(f"--output_dir {out_name}: the next checkpoint needs about {needed / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} GiB are free on {where}")
 
 
-def check_run(cfg) -> Preflight:
-    """Every check that needs no process group (raises OptionError/DataError/OSError with one line)."""
+def check_run(cfg, model_dir: str | None = None) -> Preflight:
+    """Every check that needs no process group (raises OptionError/DataError/OSError with one line).
+    ``model_dir``: where a hub id's files are (wpn_dist.app.hub), else the --model name itself."""
     from .engine import build_ds_config
     world_size = distributed.env_world_size()
     ds_config = build_ds_config(cfg.train, cfg.train.lr, world_size)
-    _check_model(cfg)
-    checkpoint_bytes = checkpoint.estimated_bytes(_num_parameters(cfg.model.model), cfg.train.precision)
+    model_dir = model_dir or cfg.model.model
+    _check_model(cfg, model_dir)
+    checkpoint_bytes = checkpoint.estimated_bytes(_num_parameters(model_dir), cfg.train.precision)
     resume_from = _resume_target(cfg, world_size)
     _check_output_dir(cfg, checkpoint_bytes)
     return Preflight(ds_config, resume_from, checkpoint_bytes)

@@ -26,10 +26,10 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
 
 from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
-from . import distributed, toy_world  # noqa: E402
+from . import distributed, hub, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
 from .data import BatchMaker, DataCursor, batch_to_device, detect_format, encode_examples, examples_from_rows, \
-    read_jsonl, read_normal_jsonl, read_pku_saferlhf  # noqa: E402
+    read_jsonl, read_normal_jsonl, read_pku_saferlhf, token_lengths, TOY_MAX_LENGTH  # noqa: E402
 from .evaluation import evaluate_model, evaluation_inputs, format_table, memorization_accuracy  # noqa: E402
 from .generation import generate  # noqa: E402
 from .hooks import Hooks, load_hooks  # noqa: E402
@@ -62,6 +62,7 @@ def resolve_defaults(cfg: RunConfig) -> None:
 class RunInputs:
     """Everything read and validated before a process group is joined or a file written."""
     world: object          # the toy world, or None
+    sources: object        # hub.Sources: the local model directory, tokenizer and data the run reads
     tokenizer: object
     examples: list         # data.Example, as read
     encoded: list          # data.EncodedExample, the training set (indices of the data cursor)
@@ -72,23 +73,24 @@ class RunInputs:
 
 
 def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
-    """Read and validate the data, the tokenizer and the evaluation inputs (raises ValueError/OSError
-    with a one-line message)."""
+    """Fetch (once per node) and read the model's files, the data, the tokenizer and the evaluation
+    inputs, and validate them (raises ValueError/OSError with a one-line message)."""
     data = cfg.data
     world = toy_world.make_world(toy_world.ToyWorldConfig(seed=data.toy_seed)) if data.data == "toy" else None
     from . import models
+    sources = hub.resolve(cfg.model.model, cfg.model.model_init, cfg.model.tokenizer, data.data, data.data_format)
     if cfg.model.model == "toy":
         tokenizer = toy_world.make_tokenizer(world)
     else:
-        tokenizer = models.load_tokenizer(cfg.model.model, cfg.model.tokenizer)
+        tokenizer = models.load_tokenizer(sources.model, sources.tokenizer)
     # --normal_data is read once: training (GA, retain terms) and evaluation (utility) both use it.
     user_normal_rows = read_normal_jsonl(data.normal_data) if data.normal_data not in (None, "toy") else None
     fmt = data.data_format
     if data.data == "toy":
         examples, fmt, skipped = examples_from_rows(world.unlearning_rows(), "toy world"), "toy", 0
     else:
-        fmt = detect_format(data.data) if fmt == "auto" else fmt
-        examples, skipped = (read_jsonl(data.data), 0) if fmt == "jsonl" else read_pku_saferlhf(data.data, data.data_split)
+        fmt = detect_format(sources.data) if fmt == "auto" else fmt
+        examples, skipped = (read_jsonl(sources.data), 0) if fmt == "jsonl" else read_pku_saferlhf(sources.data, data.data_split)
     heldout = []
     if world is None and cfg.eval.evaluate and not cfg.eval.eval_prompts:
         # Your own data, no evaluation prompts: keep a slice out of training to evaluate judge-free.
@@ -98,14 +100,23 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         if count >= len(examples):
             raise ConfigError(f"--eval_holdout {count} leaves no training rows ({len(examples)} rows)")
         examples, heldout = examples[:len(examples) - count], examples[len(examples) - count:]
+    lengths = None
+    if world is None:  # your own data: its length distribution, and --max_length from it by default
+        lengths = token_lengths(examples, tokenizer, data.prompt_format)
+        if data.max_length is None:
+            data.max_length = lengths.default_max_length(models.context_length(sources.model))
+    elif data.max_length is None:
+        data.max_length = TOY_MAX_LENGTH
     encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
                                                   data.overlong, source=data.data)
     notes = f"{len(encoded)} examples from {data.data} ({fmt})"
+    if lengths is not None:
+        notes += "; " + lengths.describe(data.max_length)
     if heldout:
         notes += f"; {len(heldout)} held out for evaluation"
-    if skipped or dropped or truncated:
-        notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong, " \
-                 f"{truncated} responses truncated to --max_length {data.max_length}"
+    if skipped or dropped or (truncated and lengths is None):  # the length report counts truncations itself
+        notes += f"; {skipped} prompts skipped (no safe or no unsafe response), {dropped} dropped as overlong"
+        notes += f", {truncated} responses truncated to --max_length {data.max_length}" if lengths is None else ""
     normal_rows = None
     if {"normal", "random"} & set(method.row_groups()):
         if data.normal_data is None:
@@ -121,7 +132,7 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
                                        cfg.eval.judge_harmless_labels, heldout)
     elif cfg.eval.evaluate:
         notes += "; not evaluated (fewer than 20 rows: give --eval_prompts or --eval_holdout)"
-    return RunInputs(world, tokenizer, examples, encoded, batches, evaluation, notes, check_run(cfg))
+    return RunInputs(world, sources, tokenizer, examples, encoded, batches, evaluation, notes, check_run(cfg, sources.model))
 
 
 class StopSignal:
@@ -173,10 +184,11 @@ class Trainer:
         # 1. Process group; the run directory's lock; an old run moved aside (--overwrite_output_dir);
         #    the resolved config. Every check that needs no process group has passed (preflight).
         distributed.init()
-        if cfg.train.output_dir is None:  # runs/<method>-<model>-<time>, rank 0's clock (collective)
+        if cfg.train.output_dir is None:  # <output root>/<method>-<model>-<time>, rank 0's clock (collective)
+            from .preflight import output_root
             stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
             cfg.train.output_dir = os.path.join(
-                "runs", f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
+                output_root(), f"{cfg.method.method}-{os.path.basename(cfg.model.model.rstrip('/'))}-{stamp}")
         self.run_dir = cfg.train.output_dir
         resume_from = inputs.preflight.resume_from
         self.moved_aside = self._claim_run_dir(fresh=resume_from is None)
@@ -228,7 +240,7 @@ class Trainer:
         runs, so that weights are partitioned as they load instead of materialising on every rank."""
         from . import engine as engine_lib, models
         cfg = self.cfg
-        model_name = cfg.model.model
+        model_name = self.inputs.sources.model
         if model_name == "toy":
             implant_cfg = toy_world.ImplantConfig()
             model_name = toy_world.implant_dir(self.inputs.world.config, implant_cfg)
@@ -375,6 +387,8 @@ class Trainer:
         then evaluate after, export and write summary.json. Collective."""
         from .metrics import RunLogger, memory_gib
         cfg, evaluates = self.cfg, cfg_evaluates(self.cfg, self.inputs)
+        if self.resumed and self.first_step > cfg.train.steps:
+            return self.finish_trained()
         if not self.resumed:
             if evaluates and cfg.eval.evaluate_before:
                 self.results["before"] = self.evaluate()
@@ -449,6 +463,27 @@ class Trainer:
         logger.close()
         return self.finish(last_step, wall_seconds, total_tokens, last_loss)
 
+    def finish_trained(self) -> dict:
+        """A resumed run with no step left to train (``python -m wpn_dist.export``, or --steps reached):
+        evaluate if asked and export; the run's record (summary.json, metrics, tensorboard) stays as the
+        run that trained wrote it."""
+        distributed.print0(f"wpn_dist: the checkpoint is at step {self.first_step - 1} of --steps {self.cfg.train.steps}: "
+                           f"nothing to train")
+        if cfg_evaluates(self.cfg, self.inputs):
+            self.results["after"] = self.evaluate()
+            if distributed.is_main():
+                print(format_table(self.results), flush=True)
+        self.export()
+        if distributed.is_main():
+            release_lock(self.run_dir)
+        return {"steps_run": 0, "checkpoint": self.last_saved, "evaluation": self.results or None}
+
+    def export(self) -> None:
+        if self.cfg.train.export_hf:
+            from .export import export_hf
+            export_hf(self.engine, self.tokenizer, self.cfg.train.export_dir or os.path.join(self.run_dir, "hf"),
+                      dtype=self.cfg.train.export_dtype, max_shard_size=self.cfg.train.export_max_shard_size)
+
     def stop(self, logger, said: str) -> None:
         """Leave after a stop signal with STOPPED_EXIT_CODE, for the job to requeue and resume."""
         logger.close()
@@ -461,9 +496,7 @@ class Trainer:
 
     def finish(self, last_step: int, wall_seconds: float, total_tokens: int, last_loss: float) -> dict:
         cfg = self.cfg
-        if cfg.train.export_hf:
-            from .export import export_hf
-            export_hf(self.engine, self.tokenizer, os.path.join(self.run_dir, "hf"))
+        self.export()
         summary = {"method": cfg.method.method, "model": cfg.model.model, "world_size": distributed.world_size(),
                    "steps": cfg.train.steps, "steps_run": last_step, "first_step": self.first_step,
                    "tokens": int(total_tokens), "wall_seconds": round(wall_seconds, 2), "final_loss": last_loss,
@@ -499,11 +532,16 @@ def cfg_evaluates(cfg: RunConfig, inputs: RunInputs) -> bool:
 
 
 def main(argv=None) -> dict:
+    # A launch whose ranks disagree with what the launcher was asked for is refused before anything
+    # else (accelerate launch can start one process where two were asked for).
+    distributed.check_launch()
     # From the start: a stop signal while the model loads still ends in a checkpoint and a requeue.
     stop_signal = StopSignal()
+    hub.default_extensions_dir()  # the DeepSpeed ops `python -m wpn_dist.prepare` built, if any
     # Options, model name and data are validated before anything is started or written.
     try:
         cfg = parse_config(argv)
+        distributed.default_threads()  # before tokenising or building the model; OMP_NUM_THREADS wins
         resolve_defaults(cfg)
         method = build_method(cfg.method.method, cfg.method_options)
         inputs = prepare_inputs(cfg, method)

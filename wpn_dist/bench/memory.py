@@ -40,8 +40,8 @@ BYTES_16BIT = 2
 @dataclass
 class MemoryOptions:
     """The options of ``python -m wpn_dist.memory``; their defaults are ``plan``'s too."""
-    model: str = field(metadata={"help": "A name from wpn_dist.app.models.MODEL_SPECS or a local Hugging Face "
-                                         "model directory."})
+    model: str = field(metadata={"help": "A name from wpn_dist.app.models.MODEL_SPECS, a local Hugging Face "
+                                         "model directory, or a hub id (only its config.json is fetched)."})
     nodes: int = field(default=1, metadata={"help": "Nodes of the job."})
     gpus_per_node: int = field(default=8, metadata={"help": "GPUs per node."})
     offload: Literal["none", "cpu"] = field(default="none", metadata={
@@ -56,6 +56,8 @@ class MemoryOptions:
                 "(PKU-SafeRLHF rows have 1, the toy world's 2)."})
     # Only 16-bit: DeepSpeed's model-state estimators assume mixed precision; bf16 and fp16 cost the same.
     precision: Literal["bf16", "fp16"] = field(default="bf16", metadata={"help": "16-bit mixed precision."})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "The trainer's --keep_checkpoints: for the disk figures (checkpoints kept, plus one being written)."})
     zero_init: bool = field(default=True, metadata={
         "help": "Model built under deepspeed.zero.Init. --no_zero_init (or --no-zero-init): built without it, "
                 "as wpn_dist's random init does, so each process holds the whole fp32 model while loading."})
@@ -272,6 +274,9 @@ def main(argv=None) -> int:
              gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, offload=args.offload,
              zero_init=args.zero_init, precision=args.precision, negatives=args.negatives)
     print(format_plan(p, args.model))
+    from ..app.checkpoint import describe_disk, disk_needs
+    print(describe_disk(disk_needs(sizes["num_params"], args.precision, args.keep_checkpoints, BYTES_16BIT),
+                        args.keep_checkpoints) + f" ({args.precision})")
     return 0
 
 

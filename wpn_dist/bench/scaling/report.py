@@ -238,10 +238,11 @@ def write_tensorboard(rows: list, out: str) -> str:
     return root
 
 
-def write_all(rows: list, out: str) -> dict:
-    """results.csv, the plots and tensorboard from the rows; returns their paths and the rows as written."""
+def write_all(rows: list, out: str, plots: bool = True) -> dict:
+    """results.csv, the plots (unless not ``plots``) and tensorboard from the rows; returns their paths
+    and the rows as written."""
     rows = with_lm_ratio(with_estimates(rows))
     csv_path = os.path.join(out, "results.csv")
     write_csv(rows, csv_path)
-    return {"csv": csv_path, "plots": write_plots(rows, out), "tensorboard": write_tensorboard(rows, out),
+    return {"csv": csv_path, "plots": write_plots(rows, out) if plots else [], "tensorboard": write_tensorboard(rows, out),
             "rows": rows}

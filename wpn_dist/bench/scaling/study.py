@@ -331,6 +331,8 @@ class StudyOptions:
         "help": "End the sweep within this many seconds; points not done are left for the same command to run "
                 "next time."})
     list: bool = field(default=False, metadata={"help": "Print the points and their state; run nothing."})
+    plots: bool = field(default=True, metadata={
+        "help": "Write the PNG plots (need matplotlib, the [bench] extra; --no_plots: without it)."})
 
 
 @dataclass
@@ -368,7 +370,10 @@ def parse_args(argv=None) -> SimpleNamespace:
     Raises OptionError (one line) on a bad option."""
     (study, projection), _ = parse_options((StudyOptions, ProjectionOptions), argv, prog="python -m wpn_dist.scaling",
                                            description=__doc__)
-    return SimpleNamespace(**{**asdict(study), **asdict(projection), "nodes": projection.node_counts})
+    args = SimpleNamespace(**{**asdict(study), **asdict(projection), "nodes": projection.node_counts})
+    if getattr(args, "out", None):
+        args.out = os.path.abspath(args.out)  # the ranks run from the package's directory, not this one
+    return args
 
 
 def load_points(args) -> list:
@@ -392,6 +397,9 @@ def main(argv=None) -> dict:
     except OptionError as e:
         print(f"wpn_dist.scaling: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.plots and not args.list:  # now, not after the sweep
+        from ...app.extras import require_extra
+        require_extra("bench", "plots need", "pass --no_plots", prog="wpn_dist.scaling")
     signal.signal(signal.SIGTERM, _terminated)
     if on_cpu():  # say so to DeepSpeed here too (its import in this process would warn about guessing)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -412,9 +420,9 @@ def main(argv=None) -> dict:
         return {"points": points}
     counts = sweep(points, args.out, args.retry_failed, args.time_budget_s) if points else {}
     os.makedirs(args.out, exist_ok=True)
-    outputs = write_all(read_rows(rows_path(args.out)), args.out)
+    outputs = write_all(read_rows(rows_path(args.out)), args.out, plots=args.plots)
     print(table(outputs["rows"]))
-    print(f"wpn_dist.scaling: {outputs['csv']}, {', '.join(os.path.basename(p) for p in outputs['plots'])}, "
+    print(f"wpn_dist.scaling: {', '.join([outputs['csv']] + [os.path.basename(p) for p in outputs['plots']])}, "
           f"{outputs['tensorboard']}")
     result = {"counts": counts, **outputs}
     if args.project:
