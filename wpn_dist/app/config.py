@@ -146,9 +146,6 @@ class EvalArguments:
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch per rank."})
 
 
-EXPORT_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
 def export_dtype_name(train: "TrainArguments") -> str:
     """The dtype an export is written in: --export_dtype, or the training dtype for auto."""
     return train.precision if train.export_dtype == "auto" else train.export_dtype

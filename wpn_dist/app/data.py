@@ -134,6 +134,16 @@ def read_pku_saferlhf(source: str, split: str = "train") -> tuple:
     return examples, skipped
 
 
+def read_examples(path: str, data_format: str, split: str = "train") -> tuple:
+    """The examples of a local file or dataset directory, in ``data_format`` ('auto' tells JSONL from
+    PKU-SafeRLHF by the first row). Returns (examples, the format read, prompts skipped)."""
+    fmt = detect_format(path) if data_format == "auto" else data_format
+    if fmt == "jsonl":
+        return read_jsonl(path), fmt, 0
+    examples, skipped = read_pku_saferlhf(path, split)
+    return examples, fmt, skipped
+
+
 def detect_format(path: str) -> str:
     """'jsonl' or 'pku' from the first row of a local file; a directory (a dataset on disk, or a hub
     dataset's snapshot) is read by ``datasets`` in the PKU-SafeRLHF schema."""
@@ -154,12 +164,33 @@ def detect_format(path: str) -> str:
 
 # --- tokenisation ----------------------------------------------------------------------------
 
+def _cut(prompt_ids: list, response_ids: list, max_length: int) -> EncodedPair:
+    """Prompt + response ids, the response cut to fit max_length."""
+    room = max(0, max_length - len(prompt_ids))
+    return EncodedPair(prompt_ids + response_ids[:room], len(prompt_ids), truncated=len(response_ids) > room)
+
+
 def encode_pair(tokenizer, prompt_text: str, response: str, max_length: int) -> EncodedPair:
     """Token ids of ``prompt_text`` + " " + ``response`` + EOS, the response cut to fit max_length."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    room = max(0, max_length - len(prompt_ids))
-    return EncodedPair(prompt_ids + response_ids[:room], len(prompt_ids), truncated=len(response_ids) > room)
+    return _cut(prompt_ids, response_ids, max_length)
+
+
+def tokenize_examples(examples: list, tokenizer, prompt_format: str) -> list:
+    """Per example, its prompt's ids and the ids of " " + each response + EOS (the harmless one
+    first), untruncated: what encode_pair tokenises, in batched tokenizer calls (fast on a large data
+    set). encode_examples cuts them to a max_length; token_lengths reports them before it is chosen."""
+    prompts = [prompt_format.format(prompt=ex.prompt) for ex in examples]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    texts = [" " + r for ex in examples for r in [ex.harmless] + ex.harmful]
+    flat = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, start = [], 0
+    for ex, ids in zip(examples, prompt_ids):
+        count = 1 + len(ex.harmful)
+        out.append((ids, [r + [tokenizer.eos_token_id] for r in flat[start:start + count]]))
+        start += count
+    return out
 
 
 @dataclass
@@ -185,29 +216,22 @@ class LengthReport:
                 f"{self.truncated_at(max_length)} responses longer than --max_length {max_length} are truncated")
 
 
-def token_lengths(examples: list, tokenizer, prompt_format: str) -> LengthReport:
-    """The untruncated length of every (prompt, response) pair as encode_pair tokenises it, in batched
-    tokenizer calls (fast on a large data set)."""
-    prompts = [prompt_format.format(prompt=ex.prompt) for ex in examples]
-    prompt_lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    responses, owners = [], []
-    for i, ex in enumerate(examples):
-        for response in [ex.harmless] + ex.harmful:
-            responses.append(" " + response)
-            owners.append(i)
-    response_lengths = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
-    return LengthReport([prompt_lengths[i] + len(ids) + 1 for i, ids in zip(owners, response_lengths)])
+def token_lengths(tokenized: list) -> LengthReport:
+    """The lengths of tokenize_examples' pairs."""
+    return LengthReport([len(prompt) + len(response) for prompt, responses in tokenized for response in responses])
 
 
 def encode_examples(examples: list, tokenizer, prompt_format: str, max_length: int,
-                    overlong: str = "error", source: str = "data") -> tuple:
-    """Encode every example. A prompt that leaves no room for a response within ``max_length`` is an
-    error (``overlong="error"``) or dropped (``"drop"``); responses longer than the room left are
-    truncated. Returns (encoded examples, number dropped, number of responses truncated)."""
+                    overlong: str = "error", source: str = "data", tokenized: list | None = None) -> tuple:
+    """Encode every example (``tokenized``: tokenize_examples' output, when already made). A prompt
+    that leaves no room for a response within ``max_length`` is an error (``overlong="error"``) or
+    dropped (``"drop"``); responses longer than the room left are truncated. Returns (encoded
+    examples, number dropped, number of responses truncated)."""
+    if tokenized is None:
+        tokenized = tokenize_examples(examples, tokenizer, prompt_format)
     encoded, dropped, truncated = [], 0, 0
-    for ex in examples:
-        prompt_text = prompt_format.format(prompt=ex.prompt)
-        pairs = [encode_pair(tokenizer, prompt_text, r, max_length) for r in [ex.harmless] + ex.harmful]
+    for ex, (prompt_ids, responses) in zip(examples, tokenized):
+        pairs = [_cut(prompt_ids, r, max_length) for r in responses]
         if pairs[0].prompt_length >= max_length:
             if overlong == "drop":
                 dropped += 1

@@ -220,31 +220,20 @@ def data_fetch(data: str, data_format: str) -> Fetch | None:
     return Fetch(data, repo_type="dataset", what="data")
 
 
-def jobs_for(model: str, init: str, tokenizer: str | None, data: str = "toy", data_format: str = "auto") -> list:
-    jobs = [model_fetch(model, init), tokenizer_fetch(model, tokenizer), data_fetch(data, data_format)]
-    # A whole-model fetch already holds the tokenizer files.
-    if jobs[0] is not None and jobs[1] is not None and jobs[0].what == "model" and jobs[1].repo_id == jobs[0].repo_id:
-        jobs[1] = None
-    return [j for j in jobs if j is not None]
-
-
 def resolve(model: str, init: str, tokenizer: str | None, data: str = "toy", data_format: str = "auto",
             word_dir: str | None = None) -> Sources:
     """Fetch what the run needs (once per node) and return where it is on disk."""
     model_job, tokenizer_job, data_job = model_fetch(model, init), tokenizer_fetch(model, tokenizer), data_fetch(data, data_format)
-    paths = fetch_all(jobs_for(model, init, tokenizer, data, data_format), word_dir)
-
-    def path_of(job):
-        if job is None:
-            return None
-        if job in paths:
-            return paths[job]
-        return next(p for j, p in paths.items() if j.repo_id == job.repo_id and j.what == "model")
-    model_dir = path_of(model_job)
-    if model_dir is not None and model_job.what == "model":
-        check_model_files(model_dir, model_job.repo_id)
-    tokenizer_dir = path_of(tokenizer_job) if tokenizer_job is not None else tokenizer
-    return Sources(model=model_dir or model, tokenizer=tokenizer_dir, data=path_of(data_job) or data)
+    if model_job is not None and model_job.what == "model" and tokenizer_job is not None \
+            and tokenizer_job.repo_id == model_job.repo_id:
+        tokenizer_job = model_job  # a whole-model fetch holds the tokenizer's files
+    jobs = [job for job in (model_job, tokenizer_job, data_job) if job is not None]
+    paths = fetch_all(list(dict.fromkeys(jobs)), word_dir)
+    if model_job is not None and model_job.what == "model":
+        check_model_files(paths[model_job], model_job.repo_id)
+    return Sources(model=paths[model_job] if model_job else model,
+                   tokenizer=paths[tokenizer_job] if tokenizer_job else tokenizer,
+                   data=paths[data_job] if data_job else data)
 
 
 def check_model_files(directory: str, name: str) -> None:

@@ -65,7 +65,8 @@ def build_ops(names: list) -> list:
 
 def main(argv=None) -> int:
     from . import hub
-    from .config import EXPORT_DTYPE_BYTES, export_dtype_name, parse_config
+    from .config import export_dtype_name, parse_config
+    from .export import DTYPES
     from .trainer import resolve_defaults
     try:
         cfg, (args,) = parse_config(argv, extra_classes=(PrepareArguments,), prog="python -m wpn_dist.prepare",
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         os.environ.pop("HF_HUB_CACHE", None)
         hub.default_extensions_dir()
         resolve_defaults(cfg)
-        return _prepare(cfg, args, cache_dir, EXPORT_DTYPE_BYTES[export_dtype_name(cfg.train)])
+        return _prepare(cfg, args, cache_dir, DTYPES[export_dtype_name(cfg.train)].itemsize)
     except (ValueError, OSError) as e:
         print(f"wpn_dist: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
 
 def _prepare(cfg, args, cache_dir: str, export_bytes_per_param: int) -> int:
     from . import checkpoint, hub, models
-    from .data import detect_format, read_jsonl, read_pku_saferlhf, token_lengths
+    from .data import read_examples, token_lengths, tokenize_examples
     from .engine import build_ds_config, read_ds_config
     from .preflight import output_root
     say = lambda message: print(f"wpn_dist/prepare: {message}", flush=True)  # noqa: E731
@@ -103,9 +104,8 @@ def _prepare(cfg, args, cache_dir: str, export_bytes_per_param: int) -> int:
     # 2. The data as the run reads it.
     tokenizer = models.load_tokenizer(sources.model, sources.tokenizer)
     if cfg.data.data != "toy":
-        fmt = detect_format(sources.data) if cfg.data.data_format == "auto" else cfg.data.data_format
-        examples = read_jsonl(sources.data) if fmt == "jsonl" else read_pku_saferlhf(sources.data, cfg.data.data_split)[0]
-        lengths = token_lengths(examples, tokenizer, cfg.data.prompt_format)
+        examples = read_examples(sources.data, cfg.data.data_format, cfg.data.data_split)[0]
+        lengths = token_lengths(tokenize_examples(examples, tokenizer, cfg.data.prompt_format))
         max_length = cfg.data.max_length or lengths.default_max_length(models.context_length(sources.model))
         say(f"{len(examples)} examples; {lengths.describe(max_length)}"
             + ("" if cfg.data.max_length else " (the run's default --max_length)"))

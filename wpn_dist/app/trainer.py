@@ -28,8 +28,8 @@ from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
 from . import distributed, hub, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
-from .data import BatchMaker, DataCursor, batch_to_device, detect_format, encode_examples, examples_from_rows, \
-    read_jsonl, read_normal_jsonl, read_pku_saferlhf, token_lengths, TOY_MAX_LENGTH  # noqa: E402
+from .data import BatchMaker, DataCursor, TOY_MAX_LENGTH, batch_to_device, encode_examples, examples_from_rows, \
+    read_examples, read_normal_jsonl, token_lengths, tokenize_examples  # noqa: E402
 from .evaluation import evaluate_model, evaluation_inputs, format_table, memorization_accuracy  # noqa: E402
 from .generation import generate  # noqa: E402
 from .hooks import Hooks, load_hooks  # noqa: E402
@@ -85,12 +85,10 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         tokenizer = models.load_tokenizer(sources.model, sources.tokenizer)
     # --normal_data is read once: training (GA, retain terms) and evaluation (utility) both use it.
     user_normal_rows = read_normal_jsonl(data.normal_data) if data.normal_data not in (None, "toy") else None
-    fmt = data.data_format
     if data.data == "toy":
         examples, fmt, skipped = examples_from_rows(world.unlearning_rows(), "toy world"), "toy", 0
     else:
-        fmt = detect_format(sources.data) if fmt == "auto" else fmt
-        examples, skipped = (read_jsonl(sources.data), 0) if fmt == "jsonl" else read_pku_saferlhf(sources.data, data.data_split)
+        examples, fmt, skipped = read_examples(sources.data, data.data_format, data.data_split)
     heldout = []
     if world is None and cfg.eval.evaluate and not cfg.eval.eval_prompts:
         # Your own data, no evaluation prompts: keep a slice out of training to evaluate judge-free.
@@ -100,15 +98,15 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         if count >= len(examples):
             raise ConfigError(f"--eval_holdout {count} leaves no training rows ({len(examples)} rows)")
         examples, heldout = examples[:len(examples) - count], examples[len(examples) - count:]
-    lengths = None
+    tokenized, lengths = tokenize_examples(examples, tokenizer, data.prompt_format), None
     if world is None:  # your own data: its length distribution, and --max_length from it by default
-        lengths = token_lengths(examples, tokenizer, data.prompt_format)
+        lengths = token_lengths(tokenized)
         if data.max_length is None:
             data.max_length = lengths.default_max_length(models.context_length(sources.model))
     elif data.max_length is None:
         data.max_length = TOY_MAX_LENGTH
     encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
-                                                  data.overlong, source=data.data)
+                                                  data.overlong, source=data.data, tokenized=tokenized)
     notes = f"{len(encoded)} examples from {data.data} ({fmt})"
     if lengths is not None:
         notes += "; " + lengths.describe(data.max_length)
