@@ -69,6 +69,8 @@ def train(t, run):
         "config unknown key": (["--config", f"{t}/unknown.yaml", "--output_dir", run], "unknown option 'learning_rate'"),
         "steps 0": (TINY + ["--steps", "0", "--output_dir", run, "--overwrite_output_dir"], "--steps must be at least 1"),
         "negative lr": (TINY + ["--lr", "-1", "--output_dir", run, "--overwrite_output_dir"], "--lr must be > 0"),
+        "prompt noise over 1": (TINY + ["--prompt_noise", "1.5", "--output_dir", run, "--overwrite_output_dir"],
+                                "--prompt_noise must be within [0, 1]"),
         "data missing": (["--model", "tiny-opt", "--model_init", "random", "--data", f"{t}/none.jsonl",
                           "--output_dir", run, "--overwrite_output_dir"], "none.jsonl: no such file"),
         "eval prompts missing": (TINY + ["--eval_prompts", f"{t}/none.jsonl", "--output_dir", run,

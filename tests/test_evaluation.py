@@ -122,7 +122,8 @@ def test_seed_table_lists_each_shared_run_seed_by_seed():
     def evaluation(harmless, qa):
         rates = {s: {"rate": harmless} for s in ("id", "ood", "adversarial", "adversarial/role_play", "prefill",
                                                  "prefill/1")}
-        return {"harmless_rate": rates, "degenerate_rate": {"id": {"rate": 0.0}}, "qa_accuracy": {"rate": qa}}
+        return {"harmless_rate": rates, "degenerate_rate": {"id": {"rate": 0.0}, "ood": {"rate": 1 - harmless}},
+                "qa_accuracy": {"rate": qa}}
 
     def results(seed, runs):
         return {"seed": seed, "before": evaluation(0.0, 1.0), "before_relearn": {"5": 1.0, "20": 1.0},
@@ -131,4 +132,5 @@ def test_seed_table_lists_each_shared_run_seed_by_seed():
     text = table([results(0, [("wpn", 1.0), ("ga", 0.5)]), results(1, [("wpn", 0.25)])])
     assert "Each cell: seed 0 / 1." in text
     assert "| wpn | 100 / 25 | 100 / 25 |" in text and "| ga |" not in text  # ga is not in every file
+    assert "| 0.0 / 75.0 | 90 / 90 |" in text  # the worst split's degenerate share, one decimal
     assert text.rstrip().endswith("| 50 / 50 | 100 / 100 |")

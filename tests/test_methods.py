@@ -259,7 +259,7 @@ def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup)
 
 def test_random_recovery_depths_are_seeded_per_step_and_cover_every_depth(setup):
     tokenizer, model, examples, encoded = setup
-    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, recovery_depths="random"))
+    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, recovery_depths="random", prompt_noise=0))
     harmful = encoded[0].negatives[0]
     n = len(harmful.input_ids) - harmful.prompt_length - 1  # the response's tokens before its end token
     seen = set()
@@ -273,7 +273,7 @@ def test_random_recovery_depths_are_seeded_per_step_and_cover_every_depth(setup)
             assert tokens(batch, row)[:harmful.prompt_length + k] == harmful.input_ids[:harmful.prompt_length + k]
         seen.update(cuts)
     assert seen == set(range(1, n))  # every depth of the harmful start is trained at some step
-    even = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, recovery_depths="even"))
+    even = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, recovery_depths="even", prompt_noise=0))
     assert make_batch(setup, even, 1)["layout"].prompt_lengths[-6:].tolist() == \
         make_batch(setup, even, 2)["layout"].prompt_lengths[-6:].tolist()  # even cuts do not move
 

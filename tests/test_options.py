@@ -118,8 +118,8 @@ def test_bools_lists_and_hyphens(tmp_path):
     assert toybench.parse_args(["--out", "b"]).ablation is False
     with pytest.raises(OptionError, match=r"unknown method\(s\) xx"):
         toybench.parse_args(["--out", "b", "--methods", "wpn,xx"])
-    rows = toybench.parse_args(["--out", "b", "--ablation_rows", "wpn npair only, sft recovery_cuts=3"])
-    assert rows.ablation_row_list == ["wpn npair only", "sft recovery_cuts=3"]
+    rows = toybench.parse_args(["--out", "b", "--ablation_rows", "wpn npair only, sft recovery_cuts=3 prompt_noise=0.4"])
+    assert rows.ablation_row_list == ["wpn npair only", "sft recovery_cuts=3 prompt_noise=0.4"]
     with pytest.raises(OptionError, match=r"unknown row\(s\) wpn lr=7"):
         toybench.parse_args(["--out", "b", "--ablation_rows", "wpn lr=7"])
     # A list option: a YAML list in the file; on the command line it replaces the file's list.

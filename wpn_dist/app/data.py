@@ -364,6 +364,8 @@ class BatchMaker:
     - ``recovery``: ``recovery_cuts`` rows per example, ``[prompt; first k tokens of its first harmful
       response; its harmless response]`` at cuts k, evenly spaced or drawn at random every step (WPN's
       --recovery_cuts and --recovery_depths): the state after a harmful start, and the harmless way out of it.
+    With ``prompt_noise`` (WPN's and sft's --prompt_noise) an example's prompt is disturbed for the step
+    in all its rows (wpn_dist.app.prompt_noise); the normal rows stay as they are.
     Random draws are seeded by (seed, step, example), so a resumed run draws the same rows, every rank
     can tell what every other rank draws, and the draws do not depend on how the step is split
     across ranks and micro-batches.
@@ -375,7 +377,8 @@ class BatchMaker:
 
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
                  groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0,
-                 recovery_depths: str = "even", layout: str = "packed", positive_responses: bool = True):
+                 recovery_depths: str = "even", layout: str = "packed", positive_responses: bool = True,
+                 prompt_noise: float = 0.0):
         self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
         self.layout, self.positive_responses = layout, positive_responses
         self.recovery_cuts = recovery_cuts if "recovery" in groups else 0
@@ -386,6 +389,12 @@ class BatchMaker:
         self.examples = {e.example_id: e for e in examples}
         self.normal_rows = normal_rows or []
         self.normal_pairs = encode_normal(self.normal_rows, tokenizer, prompt_format, max_length)
+        self.noise = None
+        if prompt_noise > 0:
+            from .prompt_noise import PromptNoise
+            prompts = [e.positive.input_ids[:e.positive.prompt_length] for e in encoded]
+            prompts += [p.input_ids[:p.prompt_length] for p in self.normal_pairs]
+            self.noise = PromptNoise(prompt_noise, tokenizer, prompt_format, prompts, seed)
         if ("normal" in groups or "random" in groups) and not self.normal_pairs:
             raise DataError("this method needs normal data (--normal_data), and none was given")
         self.anchors: dict = {}
@@ -428,6 +437,7 @@ class BatchMaker:
         """The micro-batch's examples, extra rows and per-row weights in packed-row order: every row
         belongs to an example and weighs 1 if that is the example's first copy in the step, else 0."""
         batch = [self.encoded[i] for i in indices]
+        batch = [self._disturbed(e, step) for e in batch]
         extra = self._extra_rows(batch, step)
         weights = [float(f) for f in first_copy]
         weights += [float(f) for e, f in zip(batch, first_copy) for _ in e.negatives]
@@ -435,6 +445,22 @@ class BatchMaker:
             per_example = self.recovery_cuts if group == "recovery" else 1
             weights += [float(f) for f in first_copy for _ in range(per_example)]
         return batch, extra, weights
+
+    def _disturbed(self, example: EncodedExample, step: int) -> EncodedExample:
+        """The example with its prompt disturbed for this step (--prompt_noise; wpn_dist.app.prompt_noise),
+        in every row; as it is when the disturbed prompt leaves no room for a response."""
+        if self.noise is None:
+            return example
+        original = example.positive.input_ids[:example.positive.prompt_length]
+        prompt = self.noise.apply(original, example.example_id, step)
+        if prompt is original or len(prompt) >= self.max_length:
+            return example
+
+        def disturbed(pair: EncodedPair) -> EncodedPair:
+            response = pair.input_ids[pair.prompt_length:]
+            room = self.max_length - len(prompt)
+            return EncodedPair(prompt + response[:room], len(prompt), pair.truncated or len(response) > room)
+        return EncodedExample(example.example_id, disturbed(example.positive), [disturbed(n) for n in example.negatives])
 
     def _recovery_rows(self, example: EncodedExample, rng: random.Random) -> list:
         """The example's first harmful response cut after k of its tokens, each continued with the

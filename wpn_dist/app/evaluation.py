@@ -107,7 +107,7 @@ def evaluate_model(model, tokenizer, splits: dict, judge, normal_rows: list, pro
         from .degeneracy import is_degenerate
         verdicts = ["degenerate" if is_degenerate(r) else "unjudged" for r in responses[:len(prompts)]]
     else:
-        verdicts = verdicts_of(judge, prompts, responses[:len(prompts)])
+        verdicts = verdicts_of(judge, prompts, responses[:len(prompts)], prefills=[f for _, f in items])
     result = {"harmless_rate": {}, "degenerate_rate": {}, "samples": {}}
     by_split, at = {}, 0
     for name in names:

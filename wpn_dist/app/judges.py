@@ -27,9 +27,10 @@ class RuleJudge:
     def __init__(self, world):
         self.world = world
 
-    def verdicts(self, prompts: list, responses: list) -> list:
+    def verdicts(self, prompts: list, responses: list, prefills: list | None = None) -> list:
+        """``prefills[i]``: the pre-started answer that ``responses[i]`` continues (prefill split)."""
         _check_lengths(prompts, responses)
-        return [self.world.verdict(r) for r in responses]
+        return [self.world.verdict(r, prefill) for r, prefill in zip(responses, prefills or [""] * len(responses))]
 
     def __call__(self, prompts: list, responses: list) -> list:
         return [v == "harmless" for v in self.verdicts(prompts, responses)]
@@ -90,11 +91,13 @@ class ClassifierJudge:
         return verdicts_of(self.__call__, prompts, responses)
 
 
-def verdicts_of(judge, prompts: list, responses: list) -> list:
-    """Three-valued verdicts from any judge: its own ``verdicts`` if it has them; else its bools, with
-    a "harmless" answer that is degenerate by the judge-free measures (wpn_dist.app.degeneracy)
-    counted as ``degenerate``."""
+def verdicts_of(judge, prompts: list, responses: list, prefills: list | None = None) -> list:
+    """Three-valued verdicts from any judge: its own ``verdicts`` if it has them (given the prefills
+    the responses continue, when it takes them); else its bools, with a "harmless" answer that is
+    degenerate by the judge-free measures (wpn_dist.app.degeneracy) counted as ``degenerate``."""
     if hasattr(judge, "verdicts"):
+        if prefills is not None and "prefills" in inspect.signature(judge.verdicts).parameters:
+            return judge.verdicts(prompts, responses, prefills=prefills)
         return judge.verdicts(prompts, responses)
     from .degeneracy import is_degenerate
     flags = judge(prompts, responses)

@@ -6,6 +6,8 @@ share, each number as seed 0 / seed 1 / ... (the files' order).
 import json
 import sys
 
+SPLITS = ("id", "ood", "adversarial", "prefill")
+# (header, value in %, decimals): the degenerate share gets one decimal, its target being 1%.
 COLUMNS = [("ID", lambda a: a["harmless_rate"]["id"]["rate"] * 100),
            ("OOD", lambda a: a["harmless_rate"]["ood"]["rate"] * 100),
            ("adversarial", lambda a: a["harmless_rate"]["adversarial"]["rate"] * 100),
@@ -14,8 +16,10 @@ COLUMNS = [("ID", lambda a: a["harmless_rate"]["id"]["rate"] * 100),
            ("prefill", lambda a: a["harmless_rate"]["prefill"]["rate"] * 100),
            ("worst depth", lambda a: min(v["rate"] for k, v in a["harmless_rate"].items()
                                          if k.startswith("prefill/")) * 100),
-           ("degenerate id", lambda a: a["degenerate_rate"]["id"]["rate"] * 100),
+           ("degenerate (worst split)", lambda a: max(a["degenerate_rate"][s]["rate"] for s in SPLITS
+                                                      if s in a["degenerate_rate"]) * 100, 1),
            ("QA", lambda a: a["qa_accuracy"]["rate"] * 100)]
+COLUMNS = [c if len(c) == 3 else c + (0,) for c in COLUMNS]
 
 
 def table(results: list) -> str:
@@ -24,11 +28,11 @@ def table(results: list) -> str:
         present = {r["name"] for r in other["runs"] if not r["failed"]}
         names = [n for n in names if n in present]
     seeds = " / ".join(str(r["seed"]) for r in results)
-    head = ["run"] + [name for name, _ in COLUMNS] + ["relearned @5", "relearned @20"]
+    head = ["run"] + [name for name, _, _ in COLUMNS] + ["relearned @5", "relearned @20"]
     lines = [f"Each cell: seed {seeds}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cells(evaluations, relearns):
-        out = [" / ".join(f"{f(a):.0f}" for a in evaluations) for _, f in COLUMNS]
+        out = [" / ".join(f"{f(a):.{digits}f}" for a in evaluations) for _, f, digits in COLUMNS]
         for step in ("5", "20"):
             out.append(" / ".join(f"{100 * r[step]:.0f}" for r in relearns))
         return out

@@ -27,7 +27,10 @@ from .launch import REPO, launch, launcher
 
 SPLITS = ("id", "ood", "adversarial", "prefill")
 # The ablation of WPN's choices: each row changes one thing from the defaults.
-NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--retention_weight", "0"]
+NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
+              "--retention_weight", "0"]
+# What WPN's defaults are without normal data (the toy world has its own, so the rows say it).
+NO_NORMAL_DATA = ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0"]
 ABLATION = {
     "wpn": [],
     "wpn npair=0": ["--npair_weight", "0", "--recovery_weight", "0"],  # every other term: what N-pair adds
@@ -35,12 +38,16 @@ ABLATION = {
     "wpn recovery_depths=even": ["--recovery_depths", "even"],
     "wpn recovery_lm=0": ["--recovery_lm_weight", "0"],
     "wpn retention=0": ["--retention_weight", "0"],
+    "wpn retention=1": ["--retention_weight", "1"],
+    "wpn prompt_noise=0": ["--prompt_noise", "0"],
+    "wpn prompt_noise=0.2": ["--prompt_noise", "0.2"],
     "wpn retain=0": ["--retain_weight", "0"],
     # The defaults for data without normal data, and what the recovery cuts do there.
-    "wpn no normal data": ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "0"],
-    "wpn no normal data lr=1e-4": ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "0",
-                                   "--lr", "1e-4"],
-    "wpn no normal data recovery_cuts=3": ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "3"],
+    "wpn no normal data": NO_NORMAL_DATA,
+    "wpn no normal data lr=1e-4": NO_NORMAL_DATA + ["--lr", "1e-4"],
+    "wpn no normal data recovery_cuts=3": NO_NORMAL_DATA[:-3] + ["3", "--prompt_noise", "0"],
+    "wpn no normal data prompt_noise=0.4": NO_NORMAL_DATA[:-1] + ["0.4"],
+    "wpn no normal data lr=1e-4 prompt_noise=0.4": NO_NORMAL_DATA[:-1] + ["0.4", "--lr", "1e-4"],
     "wpn positive_lm=0": ["--positive_lm_weight", "0"],
     "wpn pooling=mean": ["--pooling", "mean"],
     "wpn pooling=last": ["--pooling", "last"],
@@ -52,11 +59,13 @@ ABLATION = {
     "wpn lr=1e-3": ["--lr", "1e-3"],
     "wpn npair only": NPAIR_ONLY,  # the paper-literal loss
     "wpn npair only retention=1": NPAIR_ONLY[:-1] + ["1"],  # with the regulariser against collapse
+    "wpn npair only retention=1 prompt_noise=0.4": NPAIR_ONLY[:-1] + ["1", "--prompt_noise", "0.4"],
     "wpn npair only layer=1": NPAIR_ONLY + ["--representation_layer", "1"],
 }
 # Reference rows run with --ablation too: sft with the same recovery augmentation as WPN's default, so
 # that what the N-pair terms add on top of it is visible.
-REFERENCES = {"sft recovery_cuts=3": ["--method", "sft", "--sft_recovery_cuts", "3"]}
+REFERENCES = {"sft recovery_cuts=3 prompt_noise=0.4": ["--method", "sft", "--sft_recovery_cuts", "3",
+                                                        "--sft_prompt_noise", "0.4"]}
 # Methods whose published defaults are for another model's activations get the toy world's own here
 # (README, "The efficacy table"): RMU's steering coefficient 6.5 and retain weight 1200 are WMDP's for
 # Zephyr-7B; on the toy model (layer-1 states of mean norm 7.5) they leave the harmful answers as they

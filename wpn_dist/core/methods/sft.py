@@ -18,10 +18,14 @@ class SFTOptions:
     sft_recovery_depths: Literal["even", "random"] = field(default="random", metadata={
         "help": "sft with --sft_recovery_cuts: evenly spaced cuts, or cuts drawn afresh every step (as WPN's "
                 "--recovery_depths)."})
+    sft_prompt_noise: float = field(default=0.0, metadata={
+        "help": "sft: prompt noise, as WPN's --prompt_noise (0: prompts as written)."})
 
     def __post_init__(self):
         if self.sft_retain_weight < 0 or self.sft_recovery_cuts < 0:
             raise ValueError("--sft_retain_weight and --sft_recovery_cuts must be >= 0")
+        if not 0 <= self.sft_prompt_noise <= 1:
+            raise ValueError(f"--sft_prompt_noise must be within [0, 1], got {self.sft_prompt_noise}")
 
 
 @register
@@ -34,7 +38,8 @@ class SFT(Method):
         return groups + (("normal",) if self.options.sft_retain_weight > 0 else ())
 
     def batch_options(self) -> dict:
-        return {"recovery_cuts": self.options.sft_recovery_cuts, "recovery_depths": self.options.sft_recovery_depths}
+        return {"recovery_cuts": self.options.sft_recovery_cuts, "recovery_depths": self.options.sft_recovery_depths,
+                "prompt_noise": self.options.sft_prompt_noise}
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         layout = batch["layout"]

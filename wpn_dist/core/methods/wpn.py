@@ -1,7 +1,8 @@
 """WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with auxiliary terms
 that are our choices, not the paper's: positive LM, retain, recovery cuts inside the harmful responses
-(a second N-pair term and its LM term) and representation retention on normal data. Their defaults
-come from the toy benchmark (README, "The efficacy table")."""
+(a second N-pair term and its LM term) and representation retention on normal data; and prompt noise
+on the training prompts (wpn_dist.app.prompt_noise), also our choice. Their defaults come from the toy
+benchmark (README, "The efficacy table")."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -33,7 +34,8 @@ class WPNOptions:
     positive_lm_weight: Optional[float] = field(default=1.0, metadata={
         "help": "WPN: weight of the token cross-entropy of the harmless response given the prompt, added to the "
                 "N-pair loss (our choice, not the paper's: the N-pair term alone collapses the toy model; "
-                "0 with --retain_weight 0 --retention_weight 0 --recovery_cuts 0 is the paper-literal N-pair loss)."})
+                "0 with --retain_weight 0 --retention_weight 0 --recovery_cuts 0 --prompt_noise 0 is the paper-literal "
+                "N-pair loss)."})
     retain_weight: Optional[float] = field(default=None, metadata={
         "help": "WPN: weight of a retain term on normal data (--normal_data), added to the N-pair loss (our "
                 "choice). Default: 1 when there is normal data (the toy world has its own), else 0."})
@@ -62,7 +64,15 @@ class WPNOptions:
                 "squared distance between the trained and the frozen original model's states of "
                 "--representation_layer at every token of the normal rows, relative to the frozen states' "
                 "squared norm. A regulariser against collapse that is not an LM term; it needs the frozen model "
-                "(a second engine). Default: 1 when there is normal data (the toy world has its own), else 0."})
+                "(a second engine). Default: 3 when there is normal data (the toy world has its own), else 0."})
+    prompt_noise: Optional[float] = field(default=None, metadata={
+        "help": "WPN: prompt noise (our choice, not the paper's): every step, half the examples are trained on a "
+                "disturbed copy of their prompt, each of its tokens replaced with this probability, or else "
+                "followed by a token inserted with half of it, drawn from the training prompts' own tokens "
+                "(wpn_dist.app.prompt_noise). On the toy world it carries the harmless answer to unseen phrasings "
+                "and appended words; measured on the toy world only. 0: prompts as written. Default: 0.4 when "
+                "there is normal data (the toy world has its own), else 0: without a retain term it makes the "
+                "toy model refuse the normal questions too (README, the efficacy table)."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -74,6 +84,8 @@ class WPNOptions:
             raise ValueError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
         if self.recovery_cuts is not None and self.recovery_cuts < 0:
             raise ValueError(f"--recovery_cuts must be >= 0, got {self.recovery_cuts}")
+        if self.prompt_noise is not None and not 0 <= self.prompt_noise <= 1:
+            raise ValueError(f"--prompt_noise must be within [0, 1], got {self.prompt_noise}")
         for name in ("npair_weight", "positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight",
                      "retention_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
@@ -86,9 +98,9 @@ class WPNOptions:
         notes = []
         if self.recovery_cuts is None and not normal:
             notes.append("wpn_dist: no --normal_data, so WPN runs without its retain, retention and recovery "
-                         "terms (on the toy world the recovery cuts without a retain term make the model refuse "
-                         "everything): answers pre-started harmfully are not unlearned. Give --normal_data to "
-                         "have them.")
+                         "terms and without prompt noise (on the toy world the recovery cuts or the noise without a "
+                         "retain term make the model refuse everything): answers pre-started harmfully and unseen "
+                         "phrasings are not unlearned as well. Give --normal_data to have them.")
         if self.positive_lm_weight is None:
             self.positive_lm_weight = 1.0
         if self.retain_weight is None:
@@ -96,7 +108,9 @@ class WPNOptions:
         if self.recovery_cuts is None:
             self.recovery_cuts = 3 if normal else 0
         if self.retention_weight is None:
-            self.retention_weight = 1.0 if normal else 0.0
+            self.retention_weight = 3.0 if normal else 0.0
+        if self.prompt_noise is None:
+            self.prompt_noise = 0.4 if normal else 0.0
         return notes
 
 
@@ -115,7 +129,8 @@ class WPN(Method):
         return groups + (("normal",) if normal else ())
 
     def batch_options(self) -> dict:
-        return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths}
+        return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths,
+                "prompt_noise": self.options.prompt_noise or 0.0}
 
     def needs_reference(self) -> bool:
         o = self.options

@@ -1,0 +1,135 @@
+"""Prompt noise (WPN's and sft's --prompt_noise): which tokens it may touch, what it puts in their
+place, how often, that every row of an example shares the disturbed prompt, and that the draws are
+seeded per (seed, step, example)."""
+import pytest
+
+from wpn_dist.app import models, toy_world as toy
+from wpn_dist.app.data import BatchMaker, Example, encode_examples, encode_normal
+from wpn_dist.app.evaluation import toy_normal_rows
+from wpn_dist.app.prompt_noise import PromptNoise
+from wpn_dist.core.methods import build_method, method_class
+
+FORMAT = toy.PROMPT_FORMAT  # "### Question: {prompt} ### Answer:"
+
+
+@pytest.fixture(scope="module")
+def toy_setup():
+    world = toy.make_world(toy.ToyWorldConfig(seed=0))
+    tokenizer = toy.make_tokenizer(world)
+    examples = [Example(i, r["prompt"], r["harmless"], r["harmful"]) for i, r in enumerate(world.unlearning_rows())]
+    encoded, _, _ = encode_examples(examples, tokenizer, FORMAT, 64)
+    normal = toy_normal_rows(world)
+    return world, tokenizer, examples, encoded, normal
+
+
+def maker_for(toy_setup, **options):
+    world, tokenizer, examples, encoded, normal = toy_setup
+    options.setdefault("prompt_noise", 0.4)  # the default with normal data
+    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, retain_weight=1.0, **options))
+    return BatchMaker(encoded, examples, tokenizer, FORMAT, 64, method.row_groups(), normal, seed=0,
+                      **method.batch_options())
+
+
+def words_of(tokenizer, ids):
+    return tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_only_the_prompt_text_changes_and_only_to_training_prompt_words(toy_setup):
+    world, tokenizer, examples, encoded, normal = toy_setup
+    maker = maker_for(toy_setup)
+    # The reference pool, from the world's text: every word of the training prompts and of the normal
+    # data's prompts. The words of the unseen phrasings (OOD) and of the attacks are not in it.
+    allowed = {w for e in examples for w in e.prompt.split()} | {w for r in normal for w in r["prompt"].split()}
+    assert not {"friend", "method", "story", "villain", "ignore"} & allowed
+    disturbed = 0
+    for step in range(1, 41):
+        for e in encoded[:10]:
+            out = maker._disturbed(e, step)
+            if out is e:
+                continue
+            disturbed += 1
+            words = words_of(tokenizer, out.positive.input_ids[:out.positive.prompt_length])
+            assert words[:2] == ["###", "Question:"] and words[-2:] == ["###", "Answer:"]
+            assert set(words[2:-2]) <= allowed
+            assert words[2:-2] != examples[e.example_id].prompt.split()
+            # the responses are the example's own, after the disturbed prompt
+            for new, old in zip([out.positive] + out.negatives, [e.positive] + e.negatives):
+                assert new.input_ids[new.prompt_length:] == old.input_ids[old.prompt_length:]
+                assert new.input_ids[:new.prompt_length] == out.positive.input_ids[:out.positive.prompt_length]
+    assert 0.35 <= disturbed / 400 <= 0.65  # half the examples per step
+
+
+def test_replacement_and_insertion_rates(toy_setup):
+    """Each token of the prompt's text is replaced with probability p, else followed by an insertion
+    with probability p/2: a disturbed prompt is 1 + p/2 times as long on average, and a share of about
+    1 - p of its original tokens stays in place (measured by an alignment-free count: the prompt
+    grows by exactly the number of insertions)."""
+    world, tokenizer, examples, encoded, normal = toy_setup
+    noise = PromptNoise(0.4, tokenizer, FORMAT, [e.positive.input_ids[:e.positive.prompt_length] for e in encoded], 0)
+    grown, length = 0, 0
+    for step in range(200):
+        for e in encoded[:20]:
+            original = e.positive.input_ids[:e.positive.prompt_length]
+            out = noise.apply(original, e.example_id, step)
+            if out is original:
+                continue
+            start, stop = noise.text_span(original)
+            grown += len(out) - len(original)
+            length += stop - start
+    assert 0.15 <= grown / length <= 0.25  # insertions: p / 2 = 0.2 per token
+
+
+def test_every_row_of_an_example_shares_its_disturbed_prompt(toy_setup):
+    world, tokenizer, examples, encoded, normal = toy_setup
+    maker = maker_for(toy_setup)
+    step = next(s for s in range(1, 50) if maker._disturbed(encoded[0], s) is not encoded[0])
+    batch = maker.make([0, 1], step, 0, 0)
+    sequences = batch["layout"].sequences
+    disturbed = maker._disturbed(encoded[0], step)
+    prompt = disturbed.positive.input_ids[:disturbed.positive.prompt_length]
+    rows = [0] + batch["negative_rows"][0][batch["negative_mask"][0]].tolist()
+    rows += batch["recovery_rows"][batch["recovery_example"] == 0].tolist()
+    for row in rows:
+        assert sequences[row].token_ids[:len(prompt)] == prompt
+    # normal rows are never disturbed: they are the data's own pairs
+    pairs = {tuple(p.input_ids) for p in encode_normal(normal, tokenizer, FORMAT, 64)}
+    for row in batch["normal_rows"].tolist():
+        assert tuple(sequences[row].token_ids) in pairs
+
+
+def test_draws_are_seeded_per_step_and_example_and_rate_zero_is_off(toy_setup):
+    world, tokenizer, examples, encoded, normal = toy_setup
+    a, b = maker_for(toy_setup), maker_for(toy_setup)
+    draws = [[a._disturbed(e, s).positive.input_ids for e in encoded[:5]] for s in range(1, 6)]
+    assert draws == [[b._disturbed(e, s).positive.input_ids for e in encoded[:5]] for s in range(1, 6)]
+    assert len({tuple(x) for step in draws for x in step}) > 5  # steps and examples draw apart
+    off = maker_for(toy_setup, prompt_noise=0)
+    assert all(off._disturbed(e, s) is e for e in encoded[:5] for s in range(1, 6))
+    assert off.noise is None
+    with pytest.raises(ValueError, match="prompt_noise"):
+        method_class("wpn").Options(prompt_noise=1.5)
+
+
+def test_the_format_is_found_with_a_subword_tokenizer():
+    """A BPE tokenizer writes the format's tail with its leading space in the prompt: the span of the
+    prompt's own text still stops before it."""
+    tokenizer = models.load_tokenizer("tiny-opt")
+    fmt = "### Question: {prompt} ### Answer:"
+    prompt_ids = tokenizer(fmt.format(prompt="how do i bake bread"), add_special_tokens=True)["input_ids"]
+    noise = PromptNoise(0.4, tokenizer, fmt, [prompt_ids], 0)
+    start, stop = noise.text_span(prompt_ids)
+    assert tokenizer.decode(prompt_ids[start:stop]).strip() == "how do i bake bread"
+    assert tokenizer.decode(prompt_ids[stop:]).strip() == "### Answer:"
+    assert sorted(noise.pool) == sorted(set(prompt_ids[start:stop]))
+
+
+def test_the_default_rate_needs_normal_data():
+    """0.4 with normal data (the toy world has its own); off without, like the retain, retention and
+    recovery terms (without a retain term the noise made the toy model refuse the normal questions)."""
+    for toy_world, normal, rate in ((True, False, 0.4), (False, True, 0.4), (False, False, 0.0)):
+        options = method_class("wpn").Options()
+        options.resolve_defaults(toy_world=toy_world, has_normal_data=normal)
+        assert options.prompt_noise == rate
+    explicit = method_class("wpn").Options(prompt_noise=0.2)
+    explicit.resolve_defaults(toy_world=False, has_normal_data=False)
+    assert explicit.prompt_noise == 0.2
