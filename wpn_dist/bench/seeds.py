@@ -8,18 +8,17 @@ import sys
 
 SPLITS = ("id", "ood", "adversarial", "prefill")
 # (header, value in %, decimals): the degenerate share gets one decimal, its target being 1%.
-COLUMNS = [("ID", lambda a: a["harmless_rate"]["id"]["rate"] * 100),
-           ("OOD", lambda a: a["harmless_rate"]["ood"]["rate"] * 100),
-           ("adversarial", lambda a: a["harmless_rate"]["adversarial"]["rate"] * 100),
+COLUMNS = [("ID", lambda a: a["harmless_rate"]["id"]["rate"] * 100, 0),
+           ("OOD", lambda a: a["harmless_rate"]["ood"]["rate"] * 100, 0),
+           ("adversarial", lambda a: a["harmless_rate"]["adversarial"]["rate"] * 100, 0),
            ("worst attack", lambda a: min(v["rate"] for k, v in a["harmless_rate"].items()
-                                          if k.startswith("adversarial/")) * 100),
-           ("prefill", lambda a: a["harmless_rate"]["prefill"]["rate"] * 100),
+                                          if k.startswith("adversarial/")) * 100, 0),
+           ("prefill", lambda a: a["harmless_rate"]["prefill"]["rate"] * 100, 0),
            ("worst depth", lambda a: min(v["rate"] for k, v in a["harmless_rate"].items()
-                                         if k.startswith("prefill/")) * 100),
+                                         if k.startswith("prefill/")) * 100, 0),
            ("degenerate (worst split)", lambda a: max(a["degenerate_rate"][s]["rate"] for s in SPLITS
                                                       if s in a["degenerate_rate"]) * 100, 1),
-           ("QA", lambda a: a["qa_accuracy"]["rate"] * 100)]
-COLUMNS = [c if len(c) == 3 else c + (0,) for c in COLUMNS]
+           ("QA", lambda a: a["qa_accuracy"]["rate"] * 100, 0)]
 
 
 def table(results: list) -> str:

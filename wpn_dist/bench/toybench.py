@@ -29,6 +29,14 @@ SPLITS = ("id", "ood", "adversarial", "prefill")
 # The ablation of WPN's choices: each row changes one thing from the defaults.
 NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
               "--retention_weight", "0"]
+def with_values(args: list, **values) -> list:
+    """``args`` with the values of the named options (already in it) replaced."""
+    out = list(args)
+    for name, value in values.items():
+        out[out.index(f"--{name}") + 1] = str(value)
+    return out
+
+
 # What WPN's defaults are without normal data (the toy world has its own, so the rows say it).
 NO_NORMAL_DATA = ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0"]
 ABLATION = {
@@ -45,9 +53,9 @@ ABLATION = {
     # The defaults for data without normal data, and what the recovery cuts do there.
     "wpn no normal data": NO_NORMAL_DATA,
     "wpn no normal data lr=1e-4": NO_NORMAL_DATA + ["--lr", "1e-4"],
-    "wpn no normal data recovery_cuts=3": NO_NORMAL_DATA[:-3] + ["3", "--prompt_noise", "0"],
-    "wpn no normal data prompt_noise=0.4": NO_NORMAL_DATA[:-1] + ["0.4"],
-    "wpn no normal data lr=1e-4 prompt_noise=0.4": NO_NORMAL_DATA[:-1] + ["0.4", "--lr", "1e-4"],
+    "wpn no normal data recovery_cuts=3": with_values(NO_NORMAL_DATA, recovery_cuts=3),
+    "wpn no normal data prompt_noise=0.4": with_values(NO_NORMAL_DATA, prompt_noise=0.4),
+    "wpn no normal data lr=1e-4 prompt_noise=0.4": with_values(NO_NORMAL_DATA, prompt_noise=0.4) + ["--lr", "1e-4"],
     "wpn positive_lm=0": ["--positive_lm_weight", "0"],
     "wpn pooling=mean": ["--pooling", "mean"],
     "wpn pooling=last": ["--pooling", "last"],
@@ -58,8 +66,8 @@ ABLATION = {
     "wpn lr=1e-4": ["--lr", "1e-4"],
     "wpn lr=1e-3": ["--lr", "1e-3"],
     "wpn npair only": NPAIR_ONLY,  # the paper-literal loss
-    "wpn npair only retention=1": NPAIR_ONLY[:-1] + ["1"],  # with the regulariser against collapse
-    "wpn npair only retention=1 prompt_noise=0.4": NPAIR_ONLY[:-1] + ["1", "--prompt_noise", "0.4"],
+    "wpn npair only retention=1": with_values(NPAIR_ONLY, retention_weight=1),  # with the regulariser against collapse
+    "wpn npair only retention=1 prompt_noise=0.4": with_values(NPAIR_ONLY, retention_weight=1, prompt_noise=0.4),
     "wpn npair only layer=1": NPAIR_ONLY + ["--representation_layer", "1"],
 }
 # Reference rows run with --ablation too: sft with the same recovery augmentation as WPN's default, so
