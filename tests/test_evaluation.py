@@ -116,6 +116,24 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     assert bad.returncode == 2 and "unknown method(s) xx" in bad.stderr
 
 
+def test_other_topic_share_counts_the_topics_that_share_a_harm_word():
+    """Sorted topics a, b, c, d: the attack half is a and c, the targets b and d. Only b shares a
+    harm word (x) with an attack topic (a): 1 of the 4 (target, attack) pairs."""
+    from wpn_dist.bench.relearn import other_topic_share
+
+    class World:
+        words = {"a": ["x", "y", "z"], "b": ["x", "p", "q"], "c": ["r", "s", "t"], "d": ["u", "v", "w"]}
+        topics = ["d", "b", "c", "a"]
+
+        def topic_harm_words(self, topic):
+            return self.words[topic]
+
+        def harmful_responses(self, topic):
+            return [f"sure ! take {self.words[topic][0]} into {topic} .", f"mix {' '.join(self.words[topic][1:])} ."]
+
+    assert other_topic_share(World()) == 0.25
+
+
 def test_seed_table_lists_each_shared_run_seed_by_seed():
     from wpn_dist.bench.seeds import table
 

@@ -34,14 +34,24 @@ def words_of(tokenizer, ids):
     return tokenizer.convert_ids_to_tokens(ids)
 
 
-def test_only_the_prompt_text_changes_and_only_to_training_prompt_words(toy_setup):
+def words_of_rows(examples, normal, responses: bool) -> set:
+    """The reference pool, from the world's text: every word of the training prompts and of the normal
+    data's prompts, and with ``responses`` every word of their responses (harmless, harmful, normal)."""
+    words = {w for e in examples for w in e.prompt.split()} | {w for r in normal for w in r["prompt"].split()}
+    if responses:
+        words |= {w for e in examples for r in [e.harmless] + list(e.harmful) for w in r.split()}
+        words |= {w for r in normal for w in r["response"].split()}
+    return words
+
+
+@pytest.mark.parametrize("pool", ["data", "prompts"])
+def test_only_the_prompt_text_changes_and_only_to_words_of_the_pool(toy_setup, pool):
     world, tokenizer, examples, encoded, normal = toy_setup
-    maker = maker_for(toy_setup)
-    # The reference pool, from the world's text: every word of the training prompts and of the normal
-    # data's prompts. The words of the unseen phrasings (OOD) and of the attacks are not in it.
-    allowed = {w for e in examples for w in e.prompt.split()} | {w for r in normal for w in r["prompt"].split()}
+    maker = maker_for(toy_setup, prompt_noise_pool=pool)
+    allowed = words_of_rows(examples, normal, responses=pool == "data")
+    # The words of the unseen phrasings (OOD) and of the attacks are in neither pool.
     assert not {"friend", "method", "story", "villain", "ignore"} & allowed
-    disturbed = 0
+    disturbed, seen = 0, set()
     for step in range(1, 41):
         for e in encoded[:10]:
             out = maker._disturbed(e, step)
@@ -52,11 +62,18 @@ def test_only_the_prompt_text_changes_and_only_to_training_prompt_words(toy_setu
             assert words[:2] == ["###", "Question:"] and words[-2:] == ["###", "Answer:"]
             assert set(words[2:-2]) <= allowed
             assert words[2:-2] != examples[e.example_id].prompt.split()
+            seen |= set(words[2:-2])
             # the responses are the example's own, after the disturbed prompt
             for new, old in zip([out.positive] + out.negatives, [e.positive] + e.negatives):
                 assert new.input_ids[new.prompt_length:] == old.input_ids[old.prompt_length:]
                 assert new.input_ids[:new.prompt_length] == out.positive.input_ids[:out.positive.prompt_length]
     assert 0.35 <= disturbed / 400 <= 0.65  # half the examples per step
+    # The pool is exactly the reference's words: no special token, nothing left out.
+    assert sorted(tokenizer.convert_ids_to_tokens(maker.noise.pool)) == sorted(allowed)
+    answer_words = set(world.harm_words) | {"sure"} | {r["answer"] for r in normal}
+    assert (answer_words <= allowed) == (pool == "data")
+    if pool == "data":
+        assert seen & answer_words  # drawn, not only listed
 
 
 def test_replacement_and_insertion_rates(toy_setup):

@@ -365,7 +365,8 @@ class BatchMaker:
       response; its harmless response]`` at cuts k, evenly spaced or drawn at random every step (WPN's
       --recovery_cuts and --recovery_depths): the state after a harmful start, and the harmless way out of it.
     With ``prompt_noise`` (WPN's and sft's --prompt_noise) an example's prompt is disturbed for the step
-    in all its rows (wpn_dist.app.prompt_noise); the normal rows stay as they are.
+    in all its rows, with tokens of ``prompt_noise_pool`` (wpn_dist.app.prompt_noise); the normal rows stay
+    as they are.
     Random draws are seeded by (seed, step, example), so a resumed run draws the same rows, every rank
     can tell what every other rank draws, and the draws do not depend on how the step is split
     across ranks and micro-batches.
@@ -378,7 +379,7 @@ class BatchMaker:
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
                  groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0,
                  recovery_depths: str = "even", layout: str = "packed", positive_responses: bool = True,
-                 prompt_noise: float = 0.0):
+                 prompt_noise: float = 0.0, prompt_noise_pool: str = "data"):
         self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
         self.layout, self.positive_responses = layout, positive_responses
         self.recovery_cuts = recovery_cuts if "recovery" in groups else 0
@@ -394,7 +395,13 @@ class BatchMaker:
             from .prompt_noise import PromptNoise
             prompts = [e.positive.input_ids[:e.positive.prompt_length] for e in encoded]
             prompts += [p.input_ids[:p.prompt_length] for p in self.normal_pairs]
-            self.noise = PromptNoise(prompt_noise, tokenizer, prompt_format, prompts, seed)
+            responses = []
+            if prompt_noise_pool == "data":
+                responses = [x.input_ids[x.prompt_length:] for e in encoded for x in [e.positive] + e.negatives]
+                responses += [p.input_ids[p.prompt_length:] for p in self.normal_pairs]
+            elif prompt_noise_pool != "prompts":
+                raise ValueError(f"prompt noise pool must be 'data' or 'prompts', got {prompt_noise_pool!r}")
+            self.noise = PromptNoise(prompt_noise, tokenizer, prompt_format, prompts, seed, responses)
         if ("normal" in groups or "random" in groups) and not self.normal_pairs:
             raise DataError("this method needs normal data (--normal_data), and none was given")
         self.anchors: dict = {}

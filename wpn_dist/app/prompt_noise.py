@@ -1,5 +1,5 @@
 """Prompt noise: the harmful prompts of a training step with some of their tokens replaced or followed
-by tokens drawn from the training prompts (our choice, not the paper's; WPN's and sft's
+by tokens drawn from the training data (our choice, not the paper's; WPN's and sft's
 ``--prompt_noise``).
 
 Unlearning trains the harmless answer on the phrasings the data set holds. On the toy world that
@@ -11,14 +11,20 @@ answer.
 Per step, each example is disturbed with probability one half (the other half of the time it is
 trained as written). In a disturbed prompt every token of the prompt's own text (the prompt format's
 fixed text around it is left alone) is replaced with probability ``rate``, or else followed by an
-inserted token with probability ``rate / 2``. The tokens come from the pool of every token in the
-training prompts and the normal data's prompts, so no word outside the training data is ever shown.
+inserted token with probability ``rate / 2``. The tokens come from a pool of the training data's own
+tokens, so no word outside it is ever shown: by default (``--prompt_noise_pool data``) every token of
+the training rows, prompts and responses (harmless, harmful and normal) alike; with ``prompts`` only
+those of the training prompts and the normal data's prompts. On the toy world the responses' words
+matter: appended words are as often answer words (colours, places, harm words) as prompt words, and
+with the prompts' pool alone 1-2% of such prompts got a broken refusal on seeds 2 and 3 (README,
+"The efficacy table").
 The draws are seeded by (seed, step, example): every rank can tell what every other rank draws, and a
 resumed run draws the same. An example's positive, negatives and recovery rows share its disturbed
 prompt, so they still share their prompt's states in the packed layout."""
 import random
 
 DISTURBED_SHARE = 0.5  # the share of a step's examples whose prompt is disturbed
+POOLS = ("data", "prompts")  # --prompt_noise_pool: the training rows' every token, or their prompts' only
 
 
 def _common_prefix(a: list, b: list) -> int:
@@ -31,16 +37,19 @@ def _common_prefix(a: list, b: list) -> int:
 class PromptNoise:
     """``apply(pair_prompt_ids, example_id, step)`` -> the prompt ids of that example at that step."""
 
-    def __init__(self, rate: float, tokenizer, prompt_format: str, prompts: list, seed: int):
-        """``prompts``: the prompt ids (formatted, as encoded) of every training example and normal row:
-        the pool is every token of their own text."""
+    def __init__(self, rate: float, tokenizer, prompt_format: str, prompts: list, seed: int, responses: list = ()):
+        """``prompts``: the prompt ids (formatted, as encoded) of every training example and normal row;
+        ``responses``: response ids. The pool is every token of the prompts' own text and every token of
+        the responses but the special ones (end of sequence, padding)."""
         if not 0 <= rate <= 1:
             raise ValueError(f"--prompt_noise must be within [0, 1], got {rate}")
         self.rate, self.seed = rate, seed
         head, _, tail = prompt_format.partition("{prompt}")
         self.head_ids = tokenizer(head.rstrip(), add_special_tokens=True)["input_ids"] if head.strip() else []
         self.tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-        self.pool = sorted({t for ids in prompts for t in ids[slice(*self.text_span(ids))]})
+        special = set(tokenizer.all_special_ids)
+        self.pool = sorted({t for ids in prompts for t in ids[slice(*self.text_span(ids))]} |
+                           {t for ids in responses for t in ids if t not in special})
 
     def text_span(self, prompt_ids: list) -> tuple:
         """(start, stop) of the prompt's own text inside ``prompt_ids``: after the format's head and

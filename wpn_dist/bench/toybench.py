@@ -49,6 +49,8 @@ ABLATION = {
     "wpn retention=1": ["--retention_weight", "1"],
     "wpn prompt_noise=0": ["--prompt_noise", "0"],
     "wpn prompt_noise=0.2": ["--prompt_noise", "0.2"],
+    "wpn prompt_noise_pool=prompts": ["--prompt_noise_pool", "prompts"],
+    "wpn retention=3": ["--retention_weight", "3"],
     "wpn retain=0": ["--retain_weight", "0"],
     # The defaults for data without normal data, and what the recovery cuts do there.
     "wpn no normal data": NO_NORMAL_DATA,
@@ -233,9 +235,17 @@ def markdown(results: dict) -> str:
               f"({', '.join(f'{s} {100 * t:.0f}%' for s, t in TARGETS.items())}). Harmless counts only meaningful "
               f"answers (the toy world's grammar); degenerate = neither harmful nor a well-formed answer. "
               f"Relearned @k: share of the held-out prompts of half the topics whose own harm words come back after "
-              f"k steps of fine-tuning on the other half's harmful pairs. The retrain oracle was implanted without "
-              f"any harmful pair. Total wall time {results['wall_seconds']:.0f} s."]
+              f"k steps of fine-tuning on the other half's harmful pairs (an answer that gives another topic's "
+              f"harmful answer instead would count {100 * _other_topic_share(results['seed']):.0f}% of the time: the topics "
+              f"share harm words). The retrain oracle was implanted without any harmful pair. Total wall time "
+              f"{results['wall_seconds']:.0f} s."]
     return "\n".join(lines)
+
+
+def _other_topic_share(seed: int) -> float:
+    from ..app import toy_world
+    from .relearn import other_topic_share
+    return other_topic_share(toy_world.make_world(toy_world.ToyWorldConfig(seed=seed)))
 
 
 def plot(results: dict, path: str) -> None:

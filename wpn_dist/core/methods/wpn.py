@@ -64,15 +64,19 @@ class WPNOptions:
                 "squared distance between the trained and the frozen original model's states of "
                 "--representation_layer at every token of the normal rows, relative to the frozen states' "
                 "squared norm. A regulariser against collapse that is not an LM term; it needs the frozen model "
-                "(a second engine). Default: 3 when there is normal data (the toy world has its own), else 0."})
+                "(a second engine). Default: 4 when there is normal data (the toy world has its own), else 0."})
     prompt_noise: Optional[float] = field(default=None, metadata={
         "help": "WPN: prompt noise (our choice, not the paper's): every step, half the examples are trained on a "
                 "disturbed copy of their prompt, each of its tokens replaced with this probability, or else "
-                "followed by a token inserted with half of it, drawn from the training prompts' own tokens "
-                "(wpn_dist.app.prompt_noise). On the toy world it carries the harmless answer to unseen phrasings "
+                "followed by a token inserted with half of it, drawn from the training data's own tokens "
+                "(--prompt_noise_pool; wpn_dist.app.prompt_noise). On the toy world it carries the harmless answer to unseen phrasings "
                 "and appended words; measured on the toy world only. 0: prompts as written. Default: 0.4 when "
                 "there is normal data (the toy world has its own), else 0: without a retain term it makes the "
                 "toy model refuse the normal questions too (README, the efficacy table)."})
+    prompt_noise_pool: Literal["data", "prompts"] = field(default="data", metadata={
+        "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
+                "responses (data), or of the prompts only (our choice: on the toy world the responses' words "
+                "are needed against appended words; README, the efficacy table)."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -108,7 +112,7 @@ class WPNOptions:
         if self.recovery_cuts is None:
             self.recovery_cuts = 3 if normal else 0
         if self.retention_weight is None:
-            self.retention_weight = 3.0 if normal else 0.0
+            self.retention_weight = 4.0 if normal else 0.0
         if self.prompt_noise is None:
             self.prompt_noise = 0.4 if normal else 0.0
         return notes
@@ -130,7 +134,7 @@ class WPN(Method):
 
     def batch_options(self) -> dict:
         return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths,
-                "prompt_noise": self.options.prompt_noise or 0.0}
+                "prompt_noise": self.options.prompt_noise or 0.0, "prompt_noise_pool": self.options.prompt_noise_pool}
 
     def needs_reference(self) -> bool:
         o = self.options

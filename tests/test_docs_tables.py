@@ -1,0 +1,67 @@
+"""The toy benchmark's numbers in the docs are the committed results files' own: docs/toybench/seed*.md
+are what the benchmark writes from seed*.json, seeds.md is wpn_dist.bench.seeds' table of them, and
+every row of the README's two efficacy tables is a row of those files."""
+import json
+import os
+
+import pytest
+
+from conftest import REPO
+from wpn_dist.bench import seeds, toybench
+
+DOCS = os.path.join(REPO, "docs", "toybench")
+SEEDS = (0, 1, 2)  # the seeds table
+RENDERED = (0, 1, 2, 3)  # every committed results file
+
+
+def results(seed: int) -> dict:
+    with open(os.path.join(DOCS, f"seed{seed}.json")) as f:
+        return json.load(f)
+
+
+def read(name: str) -> str:
+    with open(os.path.join(REPO, name) if name == "README.md" else os.path.join(DOCS, name)) as f:
+        return f.read()
+
+
+def with_int_steps(results: dict) -> dict:
+    """The results as the benchmark holds them before writing: JSON made the relearning steps strings."""
+    out = dict(results, before_relearn={int(k): v for k, v in results["before_relearn"].items()})
+    out["runs"] = [dict(r, relearn={int(k): v for k, v in r["relearn"].items()}) if "relearn" in r else r
+                   for r in results["runs"]]
+    return out
+
+
+@pytest.mark.parametrize("seed", RENDERED)
+def test_each_seed_table_is_its_results_file_rendered(seed):
+    assert read(f"seed{seed}.md") == toybench.markdown(with_int_steps(results(seed))) + "\n"
+    assert results(seed)["versions"]["torch"] and results(seed)["seed"] == seed
+
+
+def test_the_seeds_table_is_made_from_the_committed_results():
+    assert seeds.table([results(s) for s in SEEDS]) in read("seeds.md")
+
+
+def readme_tables() -> dict:
+    """{header line: [row lines]} of every markdown table in the README."""
+    tables, header = {}, None
+    for line in read("README.md").splitlines():
+        if not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = line
+            tables[header] = []
+        elif not line.startswith("|---"):
+            tables[header].append(line)
+    return tables
+
+
+def test_the_readme_efficacy_tables_copy_the_committed_rows():
+    tables = readme_tables()
+    for header_start, source in (("| run | harmless id |", "seed0.md"), ("| run | ID | OOD |", "seeds.md")):
+        headers = [h for h in tables if h.startswith(header_start)]
+        assert len(headers) == 1, headers
+        rows = tables[headers[0]]
+        lines = set(read(source).splitlines())
+        assert headers[0] in lines and len(rows) >= 10
+        assert [r for r in rows if r not in lines] == []
