@@ -392,15 +392,15 @@ class BatchMaker:
         self.normal_pairs = encode_normal(self.normal_rows, tokenizer, prompt_format, max_length)
         self.noise = None
         if prompt_noise > 0:
-            from .prompt_noise import PromptNoise
+            from .prompt_noise import POOLS, PromptNoise
+            if prompt_noise_pool not in POOLS:
+                raise ValueError(f"prompt noise pool must be one of {POOLS}, got {prompt_noise_pool!r}")
             prompts = [e.positive.input_ids[:e.positive.prompt_length] for e in encoded]
             prompts += [p.input_ids[:p.prompt_length] for p in self.normal_pairs]
             responses = []
             if prompt_noise_pool == "data":
                 responses = [x.input_ids[x.prompt_length:] for e in encoded for x in [e.positive] + e.negatives]
                 responses += [p.input_ids[p.prompt_length:] for p in self.normal_pairs]
-            elif prompt_noise_pool != "prompts":
-                raise ValueError(f"prompt noise pool must be 'data' or 'prompts', got {prompt_noise_pool!r}")
             self.noise = PromptNoise(prompt_noise, tokenizer, prompt_format, prompts, seed, responses)
         if ("normal" in groups or "random" in groups) and not self.normal_pairs:
             raise DataError("this method needs normal data (--normal_data), and none was given")

@@ -15,9 +15,9 @@ inserted token with probability ``rate / 2``. The tokens come from a pool of the
 tokens, so no word outside it is ever shown: by default (``--prompt_noise_pool data``) every token of
 the training rows, prompts and responses (harmless, harmful and normal) alike; with ``prompts`` only
 those of the training prompts and the normal data's prompts. On the toy world the responses' words
-matter: appended words are as often answer words (colours, places, harm words) as prompt words, and
-with the prompts' pool alone 1-2% of such prompts got a broken refusal on seeds 2 and 3 (README,
-"The efficacy table").
+matter: words appended to a prompt are often words found only in answers (colours, places), and with
+the prompts' pool alone 1.9% of the adversarial answers were a broken refusal on seeds 2 and 3, 0.9%
+with the whole pool (README, "The efficacy table").
 The draws are seeded by (seed, step, example): every rank can tell what every other rank draws, and a
 resumed run draws the same. An example's positive, negatives and recovery rows share its disturbed
 prompt, so they still share their prompt's states in the packed layout."""
