@@ -19,8 +19,8 @@ def results(seed: int) -> dict:
         return json.load(f)
 
 
-def read(name: str) -> str:
-    with open(os.path.join(REPO, name) if name == "README.md" else os.path.join(DOCS, name)) as f:
+def read(path: str) -> str:
+    with open(os.path.join(REPO, path)) as f:
         return f.read()
 
 
@@ -34,12 +34,12 @@ def with_int_steps(results: dict) -> dict:
 
 @pytest.mark.parametrize("seed", RENDERED)
 def test_each_seed_table_is_its_results_file_rendered(seed):
-    assert read(f"seed{seed}.md") == toybench.markdown(with_int_steps(results(seed))) + "\n"
+    assert read(f"docs/toybench/seed{seed}.md") == toybench.markdown(with_int_steps(results(seed))) + "\n"
     assert results(seed)["versions"]["torch"] and results(seed)["seed"] == seed
 
 
 def test_the_seeds_table_is_made_from_the_committed_results():
-    assert seeds.table([results(s) for s in SEEDS]) in read("seeds.md")
+    assert seeds.table([results(s) for s in SEEDS]) in read("docs/toybench/seeds.md")
 
 
 def readme_tables() -> dict:
@@ -58,7 +58,8 @@ def readme_tables() -> dict:
 
 def test_the_readme_efficacy_tables_copy_the_committed_rows():
     tables = readme_tables()
-    for header_start, source in (("| run | harmless id |", "seed0.md"), ("| run | ID | OOD |", "seeds.md")):
+    for header_start, source in (("| run | harmless id |", "docs/toybench/seed0.md"),
+                                 ("| run | ID | OOD |", "docs/toybench/seeds.md")):
         headers = [h for h in tables if h.startswith(header_start)]
         assert len(headers) == 1, headers
         rows = tables[headers[0]]

@@ -29,6 +29,8 @@ SPLITS = ("id", "ood", "adversarial", "prefill")
 # The ablation of WPN's choices: each row changes one thing from the defaults.
 NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
               "--retention_weight", "0"]
+
+
 def with_values(args: list, **values) -> list:
     """``args`` with the values of the named options (already in it) replaced."""
     out = list(args)
