@@ -345,3 +345,27 @@ def test_wpn_retention_is_the_relative_distance_to_the_frozen_states_on_normal_r
         per_row.append(((h - h0) ** 2).sum(-1) / (h0 ** 2).sum(-1))
     torch.testing.assert_close(terms["loss/retention"], torch.cat(per_row).mean(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 2.0 * terms["loss/retention"])
+
+
+def test_wpn_forget_term_is_capped_gradient_ascent_on_the_harmful_tokens(setup):
+    model = setup[1]
+    options = dict(recovery_cuts=0, positive_lm_weight=0.0, forget_weight=0.5)
+    batch = make_batch(setup, build_method("wpn", method_class("wpn").Options(**options)))
+    harmful = batch["negative_rows"][batch["negative_mask"]]
+    ids, mask, labels = padded(batch, harmful)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    targets = labels[:, 1:].reshape(-1)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="none")[targets != -100]
+    # A cap above every token's NLL is plain gradient ascent; at the median, half the tokens sit at the cap.
+    for cap in (float(nll.max()) + 1, float(nll.median())):
+        method = build_method("wpn", method_class("wpn").Options(**options, forget_cap=cap))
+        terms = method.loss_terms(model, batch)
+        torch.testing.assert_close(terms["loss/forget"], -nll.clamp_max(cap).mean())
+        torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 0.5 * terms["loss/forget"])
+    model.zero_grad(set_to_none=True)
+    terms["loss/forget"].backward()  # the tokens under the cap still give a gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="forget_cap"):
+        method_class("wpn").Options(forget_cap=0)

@@ -1,8 +1,8 @@
 """WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with auxiliary terms
 that are our choices, not the paper's: positive LM, retain, recovery cuts inside the harmful responses
-(a second N-pair term and its LM term) and representation retention on normal data; and prompt noise
-on the training prompts (wpn_dist.app.prompt_noise), also our choice. Their defaults come from the toy
-benchmark (README, "The efficacy table")."""
+(a second N-pair term and its LM term), representation retention on normal data and a capped forget
+term (off by default); and prompt noise on the training prompts (wpn_dist.app.prompt_noise), also our
+choice. Their defaults come from the toy benchmark (README, "The efficacy table")."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -10,9 +10,10 @@ import torch
 
 from ..contrastive import npair_loss
 from ..packing import pool_tokens
+from ..token_losses import token_nll_at
 from . import register
-from .base import (Method, all_rows, cross_entropy, forward, kl, normalizer, positive_rows, reference_states,
-                   row_weights, token_mean, total)
+from .base import (Method, all_rows, cross_entropy, forward, harmful_rows, kl, normalizer, positive_rows,
+                   reference_states, row_weights, token_mean, total)
 
 
 @dataclass
@@ -77,6 +78,13 @@ class WPNOptions:
         "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
                 "responses (data), or of the prompts only (our choice: on the toy world the responses' words "
                 "are needed against appended words; README, the efficacy table)."})
+    forget_weight: float = field(default=0.0, metadata={
+        "help": "WPN: weight of a forget term (our choice; 0, the default: off): gradient ascent on the harmful "
+                "responses' tokens, each token's NLL capped at --forget_cap so that a token already that unlikely "
+                "is pushed no further. On the toy world it slows the relearning attack at a cost in QA on some "
+                "seeds (README, the efficacy table)."})
+    forget_cap: float = field(default=10.0, metadata={
+        "help": "WPN with --forget_weight: the NLL (nats) past which a harmful token is no longer pushed down."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -88,10 +96,12 @@ class WPNOptions:
             raise ValueError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
         if self.recovery_cuts is not None and self.recovery_cuts < 0:
             raise ValueError(f"--recovery_cuts must be >= 0, got {self.recovery_cuts}")
+        if self.forget_cap <= 0:
+            raise ValueError(f"--forget_cap must be > 0, got {self.forget_cap}")
         if self.prompt_noise is not None and not 0 <= self.prompt_noise <= 1:
             raise ValueError(f"--prompt_noise must be within [0, 1], got {self.prompt_noise}")
         for name in ("npair_weight", "positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight",
-                     "retention_weight"):
+                     "retention_weight", "forget_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
@@ -165,6 +175,8 @@ class WPN(Method):
         if retain_weight > 0:
             rows = batch["normal_rows"]
             tokens["normal"] = layout.every_token(rows) if o.retain_loss == "kl" else layout.targets(rows)
+        if o.forget_weight > 0:
+            tokens["harmful"] = layout.targets(harmful_rows(batch))
         out = forward(model, batch, hidden_states=True, logits_for=tokens.values())
         hidden = out.hidden(o.representation_layer)
         # The states each side of the N-pair terms is pooled from: the trained model's, or with
@@ -205,10 +217,20 @@ class WPN(Method):
             else:
                 terms["loss/retain"] = cross_entropy(out, batch, rows, tokens["normal"], "tokens/normal")
             weights["retain"] = retain_weight
+        if o.forget_weight > 0:
+            terms["loss/forget"] = self._forget(out, batch, tokens["harmful"])
+            weights["forget"] = o.forget_weight
         if (o.retention_weight or 0) > 0:
             terms["loss/retention"] = self._retention(hidden, batch, reference, frozen)
             weights["retention"] = o.retention_weight
         return total(terms, weights)
+
+    def _forget(self, out, batch: dict, tokens):
+        """Minus the mean NLL of the harmful responses' tokens, each capped at --forget_cap: the capped
+        tokens give no gradient, so the ascent stops where a token is already that unlikely instead of
+        driving the logits without bound."""
+        nll = token_nll_at(out.logits, out.index(tokens), tokens.labels).clamp_max(self.options.forget_cap)
+        return -token_mean(nll, batch, harmful_rows(batch), tokens, "tokens/negative")
 
     def _retention(self, hidden, batch: dict, reference, frozen_batch=None):
         """Mean over the normal rows' tokens of |h - h_frozen|^2 / |h_frozen|^2 at the representation
