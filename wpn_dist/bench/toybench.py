@@ -55,7 +55,7 @@ ABLATION = {
     "wpn retention=3": ["--retention_weight", "3"],
     "wpn retain=0": ["--retain_weight", "0"],
     "wpn forget=0.05": ["--forget_weight", "0.05"],  # capped gradient ascent: against the relearning attack
-    "wpn forget=0.05 retention=8": ["--forget_weight", "0.05", "--retention_weight", "8"],  # and its QA cost
+    "wpn forget=0.05 retention=8": ["--forget_weight", "0.05", "--retention_weight", "8"],  # more retention against its QA cost
     "wpn retention=8": ["--retention_weight", "8"],
     # The defaults for data without normal data, and what the recovery cuts do there.
     "wpn no normal data": NO_NORMAL_DATA,

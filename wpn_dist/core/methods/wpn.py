@@ -175,8 +175,9 @@ class WPN(Method):
         if retain_weight > 0:
             rows = batch["normal_rows"]
             tokens["normal"] = layout.every_token(rows) if o.retain_loss == "kl" else layout.targets(rows)
+        harmful = harmful_rows(batch)
         if o.forget_weight > 0:
-            tokens["harmful"] = layout.targets(harmful_rows(batch))
+            tokens["harmful"] = layout.targets(harmful)
         out = forward(model, batch, hidden_states=True, logits_for=tokens.values())
         hidden = out.hidden(o.representation_layer)
         # The states each side of the N-pair terms is pooled from: the trained model's, or with
@@ -218,19 +219,19 @@ class WPN(Method):
                 terms["loss/retain"] = cross_entropy(out, batch, rows, tokens["normal"], "tokens/normal")
             weights["retain"] = retain_weight
         if o.forget_weight > 0:
-            terms["loss/forget"] = self._forget(out, batch, tokens["harmful"])
+            terms["loss/forget"] = self._forget(out, batch, harmful, tokens["harmful"])
             weights["forget"] = o.forget_weight
         if (o.retention_weight or 0) > 0:
             terms["loss/retention"] = self._retention(hidden, batch, reference, frozen)
             weights["retention"] = o.retention_weight
         return total(terms, weights)
 
-    def _forget(self, out, batch: dict, tokens):
+    def _forget(self, out, batch: dict, harmful, tokens):
         """Minus the mean NLL of the harmful responses' tokens, each capped at --forget_cap: the capped
         tokens give no gradient, so the ascent stops where a token is already that unlikely instead of
         driving the logits without bound."""
         nll = token_nll_at(out.logits, out.index(tokens), tokens.labels).clamp_max(self.options.forget_cap)
-        return -token_mean(nll, batch, harmful_rows(batch), tokens, "tokens/negative")
+        return -token_mean(nll, batch, harmful, tokens, "tokens/negative")
 
     def _retention(self, hidden, batch: dict, reference, frozen_batch=None):
         """Mean over the normal rows' tokens of |h - h_frozen|^2 / |h_frozen|^2 at the representation
