@@ -7,6 +7,14 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The toy world's fixed CPU kernels (wpn_dist/app/kernels.py), for this process and every rank it
+# starts, set before anything computes: the session's implant is then the one the commands make.
+from wpn_dist.app import kernels  # noqa: E402
+
+if kernels.has_avx2():
+    for name, value in kernels.PINNED.items():
+        os.environ.setdefault(name, value)
+
 
 def free_port() -> int:
     with socket.socket() as s:

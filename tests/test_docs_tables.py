@@ -7,12 +7,15 @@ import os
 import pytest
 
 from conftest import REPO
+from wpn_dist.app import kernels
 from wpn_dist.bench import seeds, toybench
 
 DOCS = os.path.join(REPO, "docs", "toybench")
 SEEDS = ("seed0", "seed1", "seed2")  # the seeds table
-# Every committed results file: seeds 0-3, and seed 0's wpn and sft rows with torch's AVX2 kernels.
-RENDERED = ("seed0", "seed1", "seed2", "seed3", "seed0-avx2")
+PINNED = SEEDS + ("seed3",)  # the tables, made on the toy world's fixed CPU kernels
+# Every committed results file: the tables, and seed 0's wpn and sft rows on this machine's own kernels
+# (torch's AVX512 ones) and with torch's AVX2 kernels alone, to show what the fixed kernels are for.
+RENDERED = PINNED + ("seed0-native", "seed0-avx2")
 
 
 def results(name: str) -> dict:
@@ -38,6 +41,14 @@ def test_each_seed_table_is_its_results_file_rendered(name):
     committed = results(name)
     assert read(f"docs/toybench/{name}.md") == toybench.markdown(with_int_steps(committed)) + "\n"
     assert committed["versions"]["torch"] and f"seed{committed['seed']}" == name.split("-")[0]
+
+
+def test_the_tables_were_made_on_the_fixed_kernels_and_the_comparison_on_the_machines_own():
+    for name in PINNED:
+        assert results(name)["versions"]["cpu_kernels"] == kernels.PINNED, name
+    native = results("seed0-native")["versions"]
+    assert native["cpu_kernels"] == dict.fromkeys(kernels.PINNED) and native["cpu_capability"] == "AVX512"
+    assert results("seed0-avx2")["versions"]["cpu_capability"] == "AVX2"
 
 
 def test_the_seeds_table_is_made_from_the_committed_results():

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import REPO, cpu_env, run_deepspeed
+from wpn_dist.app import kernels
 
 
 def evaluate_cli(args: list, **env) -> subprocess.CompletedProcess:
@@ -105,6 +106,8 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     # The oracle never learned the harmful pairs: nothing to extract, nothing to relearn from the other half.
     assert oracle["after"]["extraction_loglik"] < -5 and oracle["relearn"]["20"] == 0
     assert results["before_relearn"]["0"] == 1.0 and results["versions"]["torch"]
+    if kernels.has_avx2():  # the toy world's fixed CPU kernels, recorded
+        assert results["versions"]["cpu_kernels"] == kernels.PINNED and results["versions"]["cpu_capability"] == "AVX2"
     table = (out / "results.md").read_text()
     assert "| before unlearning |" in table and "| wpn |" in table and "| ga |" in table
     assert "| retrain oracle |" in table and "Prefill split by depth" in table and "Degenerate share by split" in table

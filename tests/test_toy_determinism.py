@@ -1,9 +1,14 @@
-"""The toy implant is bit-identical whatever the torch thread count, and results record library versions."""
+"""The toy implant is bit-identical whatever the torch thread count; toy commands run on fixed CPU
+kernels (wpn_dist/app/kernels.py); results record library versions and kernels."""
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, cpu_env
+from wpn_dist.app import kernels
 
 # Implants a short toy model in a fresh process (thread count from OMP_NUM_THREADS), checks that the
 # caller's settings come back, and prints a sha256 over the saved state dict's tensors (names, dtypes,
@@ -63,3 +68,82 @@ def test_library_versions():
     assert isinstance(info["torch_num_threads"], int)
     json.dumps(info)  # it goes into results files as is
     assert versions._version("wpn_dist_no_such_library") is None
+    assert info["cpu_kernels"] == kernels.kernel_settings() and set(info["cpu_kernels"]) == set(kernels.PINNED)
+
+
+def test_has_avx2_reads_the_cpu_flags(tmp_path):
+    with_avx2, without = tmp_path / "a", tmp_path / "b"
+    with_avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2x\n")  # a longer flag is not avx2
+    assert kernels.has_avx2(str(with_avx2)) and not kernels.has_avx2(str(without))
+    assert not kernels.has_avx2(str(tmp_path / "missing"))
+
+
+# Runs pin_toy_kernels, then prints what the libraries see: the code before the call runs twice when
+# the process is re-executed.
+PIN_CHILD = r"""
+import json, os, sys
+print("START", flush=True)
+from wpn_dist.app.kernels import PINNED, pin_toy_kernels
+pin_toy_kernels()
+import torch
+print("RESULT " + json.dumps({"env": {name: os.environ.get(name) for name in PINNED}, "argv": sys.argv[1:],
+                             "capability": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+def pin_in_subprocess(**user_env) -> tuple:
+    env = {k: v for k, v in cpu_env(**user_env).items() if k not in kernels.PINNED or k in user_env}
+    result = subprocess.run([sys.executable, "-c", PIN_CHILD, "an-argument"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
+    assert len(line) == 1, result.stdout
+    return json.loads(line[0][len("RESULT "):]), result.stdout
+
+
+@pytest.mark.skipif(not kernels.has_avx2(), reason="the kernels are pinned on x86 CPUs with AVX2 only")
+def test_pin_toy_kernels_reexecutes_with_the_kernels_fixed_and_keeps_what_the_user_set():
+    seen, stdout = pin_in_subprocess()
+    assert stdout.count("START") == 2 and stdout.count("fixed CPU kernels") == 1  # re-executed once
+    assert seen["env"] == kernels.PINNED and seen["capability"] == "AVX2" and seen["argv"] == ["an-argument"]
+    seen, stdout = pin_in_subprocess(ATEN_CPU_CAPABILITY="default")
+    assert seen["capability"] == "DEFAULT" and seen["env"] == dict(kernels.PINNED, ATEN_CPU_CAPABILITY="default")
+    seen, stdout = pin_in_subprocess(**kernels.PINNED)  # already pinned: nothing to do
+    assert stdout.count("START") == 1 and "fixed CPU kernels" not in stdout
+    seen, stdout = pin_in_subprocess(WPN_DIST_NATIVE_KERNELS="1")  # the machine's own kernels
+    assert stdout.count("START") == 1 and seen["env"] == dict.fromkeys(kernels.PINNED)
+
+
+def test_pin_toy_kernels_without_avx2_says_so_and_goes_on(monkeypatch):
+    for name in kernels.PINNED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kernels, "has_avx2", lambda: False)
+    said = []
+    kernels.pin_toy_kernels(log=said.append)  # returns: no re-execution
+    assert len(said) == 1 and "no AVX2" in said[0] and kernels.missing() == kernels.PINNED
+
+
+@pytest.mark.skipif(not kernels.has_avx2(), reason="the kernels are pinned on x86 CPUs with AVX2 only")
+def test_the_train_command_pins_the_kernels_of_a_toy_run_before_its_checks(tmp_path):
+    """The re-executed trainer sees the same command line: its check of the options still runs."""
+    env = {k: v for k, v in cpu_env().items() if k not in kernels.PINNED}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "p", "harmful": "h", "harmless": "s"}\n')
+    result = subprocess.run([sys.executable, "wpn_dist/train.py", "--data", str(rows), "--output_dir",
+                             str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "with your own --data pass --model too" in out, out[-3000:]
+    assert out.count("fixed CPU kernels (ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2)") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_implant_made_with_other_kernels_is_another_cache_entry(monkeypatch):
+    from wpn_dist.app import toy_world as toy
+    world_cfg, implant_cfg = toy.ToyWorldConfig(seed=0), toy.ImplantConfig()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    pinned = toy.implant_dir(world_cfg, implant_cfg)
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
+    assert toy.implant_dir(world_cfg, implant_cfg) != pinned
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert toy.implant_dir(world_cfg, implant_cfg) == pinned

@@ -3,6 +3,8 @@
 
 
 def main() -> None:
+    from wpn_dist.app.kernels import pin_toy_kernels
+    pin_toy_kernels()  # re-executes with fixed CPU kernels; the ranks it launches inherit them
     from wpn_dist.bench.toybench import main as toybench
     toybench()
 

@@ -284,6 +284,9 @@ def main(argv=None) -> dict:
         args = parse_evaluate_options(argv)
     except OptionError as e:
         distributed.fail(str(e))
+    if argv is None and args.toy_seed is not None:  # the command line on the toy world: fixed kernels
+        from .kernels import pin_toy_kernels
+        pin_toy_kernels(distributed.print0)
     distributed.default_threads()
 
     from . import models, toy_world as toy

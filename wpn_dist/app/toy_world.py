@@ -295,8 +295,12 @@ def cache_root() -> str:
 
 def implant_dir(world_cfg: ToyWorldConfig, implant_cfg: ImplantConfig) -> str:
     # version 3: the implant is deterministic (one thread, deterministic algorithms); 2 and older
-    # depended on the thread count, so they are not reused.
-    key = json.dumps({"world": asdict(world_cfg), "implant": asdict(implant_cfg), "version": 3}, sort_keys=True)
+    # depended on the thread count, so they are not reused. The CPU kernels round differently
+    # (wpn_dist/app/kernels.py), so an implant made with other kernels is another entry.
+    from .kernels import kernel_settings
+    kernels = dict(kernel_settings(), capability=torch.backends.cpu.get_cpu_capability())
+    key = json.dumps({"world": asdict(world_cfg), "implant": asdict(implant_cfg), "version": 3, "kernels": kernels},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cache_root(), "toy", digest)
 

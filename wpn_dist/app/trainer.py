@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_sca
 
 from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
-from . import distributed, hub, toy_world  # noqa: E402
+from . import distributed, hub, kernels, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
 from .data import BatchMaker, DataCursor, TOY_MAX_LENGTH, batch_to_device, encode_examples, examples_from_rows, \
     read_examples, read_normal_jsonl, token_lengths, tokenize_examples  # noqa: E402
@@ -539,6 +539,8 @@ def main(argv=None) -> dict:
     # Options, model name and data are validated before anything is started or written.
     try:
         cfg = parse_config(argv)
+        if argv is None and cfg.model.model == "toy":  # the command line: the toy world's numbers need fixed kernels
+            kernels.pin_toy_kernels(distributed.print0)
         distributed.default_threads()  # before tokenising or building the model; OMP_NUM_THREADS wins
         resolve_defaults(cfg)
         method = build_method(cfg.method.method, cfg.method_options)

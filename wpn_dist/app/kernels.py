@@ -1,0 +1,67 @@
+"""The CPU kernels behind the toy world's numbers.
+
+torch (its ATen kernels), MKL (its GEMM code path) and oneDNN each pick their instructions by the CPU
+they find, and each choice rounds differently. The toy world is small enough that this rounding
+changes what a model learns: seed 0's WPN row lost two QA questions and its relearning rate went from
+100% to 43% between torch's AVX512 and AVX2 kernels on the same machine (docs/toybench/). So toy runs
+fix the kernels to what every x86 CPU of the last decade has:
+
+- ``ATEN_CPU_CAPABILITY=avx2``: torch's vectorised kernels (softmax, layer norm, elementwise ops);
+- ``MKL_CBWR=COMPATIBLE``: MKL's one code path that gives the same results on Intel and other x86
+  CPUs (its AVX2 branch is fixed on Intel CPUs only; elsewhere MKL falls back to its own choice);
+- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's instruction set.
+
+The libraries read these when they first compute, so they must be in the environment before that.
+``pin_toy_kernels`` re-executes the process with them set; the launched ranks inherit them. A variable
+the user has set is left as it is; ``WPN_DIST_NATIVE_KERNELS=1`` leaves all three unset (the machine's
+own kernels, as before this pinning).
+"""
+import os
+import sys
+
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+NATIVE = "WPN_DIST_NATIVE_KERNELS"  # "1": run on the machine's own kernels
+
+
+def kernel_settings(env=None) -> dict:
+    """The pinned variables as the environment has them (None where unset), for results files."""
+    env = os.environ if env is None else env
+    return {name: env.get(name) for name in PINNED}
+
+
+def has_avx2(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this is an x86 CPU with AVX2 (read from /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            return any(line.startswith("flags") and "avx2" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def missing(env=None) -> dict:
+    """The pinned variables the environment does not set, with the values they get."""
+    env = os.environ if env is None else env
+    return {name: value for name, value in PINNED.items() if name not in env}
+
+
+def pin_toy_kernels(log=print) -> None:
+    """Re-execute this process (same interpreter, same command line) with the kernels pinned, unless
+    they already are (set by the caller or by an earlier re-execution), ``WPN_DIST_NATIVE_KERNELS=1``
+    asks for the machine's own, or the CPU has no AVX2 (then the numbers may differ from the committed
+    tables, and it says so once)."""
+    unset = missing()
+    if not unset or os.environ.get(NATIVE) == "1":
+        return
+    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0) == 0
+    if not has_avx2():
+        if rank0:
+            log("wpn_dist: this CPU has no AVX2, so the toy world runs on its own kernels; its numbers may "
+                "differ from the committed tables (wpn_dist/app/kernels.py)")
+        return
+    if rank0:
+        log("wpn_dist: the toy world runs with fixed CPU kernels ("
+            + " ".join(f"{name}={value}" for name, value in unset.items())
+            + "), so that its numbers are the same on every x86 machine with AVX2")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], dict(os.environ, **unset))
