@@ -1,7 +1,6 @@
 """The toy implant is bit-identical whatever the torch thread count; toy commands run on fixed CPU
 kernels (wpn_dist/app/kernels.py); results record library versions and kernels."""
 import json
-import os
 import subprocess
 import sys
 

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .kernels import kernel_settings
+
 SYLLABLES = ["ka", "zo", "ri", "mu", "te", "vax", "lo", "pen", "qui", "dra", "sil", "bor", "fe", "nu",
              "gar", "tho", "ly", "wex", "mi", "so"]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
@@ -297,7 +299,6 @@ def implant_dir(world_cfg: ToyWorldConfig, implant_cfg: ImplantConfig) -> str:
     # version 3: the implant is deterministic (one thread, deterministic algorithms); 2 and older
     # depended on the thread count, so they are not reused. The CPU kernels round differently
     # (wpn_dist/app/kernels.py), so an implant made with other kernels is another entry.
-    from .kernels import kernel_settings
     kernels = dict(kernel_settings(), capability=torch.backends.cpu.get_cpu_capability())
     key = json.dumps({"world": asdict(world_cfg), "implant": asdict(implant_cfg), "version": 3, "kernels": kernels},
                      sort_keys=True)

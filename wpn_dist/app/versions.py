@@ -7,6 +7,8 @@ import importlib
 import platform
 import sys
 
+from .kernels import kernel_settings
+
 LIBRARIES = ("torch", "transformers", "deepspeed", "datasets", "accelerate")
 
 
@@ -42,7 +44,8 @@ def cpu_model() -> str:
 def library_versions() -> dict:
     """python, torch, transformers, deepspeed, datasets, accelerate and wpn_dist versions (None where
     absent), torch's CUDA version, the CPU model, the CPU kernel set torch dispatches to (AVX2,
-    AVX512, ...: it changes floating-point results), the kernel variables wpn_dist/app/kernels.py pins, and ``torch.get_num_threads()``."""
+    AVX512, ...: it changes floating-point results), the kernel variables wpn_dist/app/kernels.py
+    pins, and ``torch.get_num_threads()``."""
     info = {"python": platform.python_version()}
     info.update({name: _version(name) for name in LIBRARIES})
     from .. import __version__ as wpn_dist_version
@@ -56,7 +59,6 @@ def library_versions() -> dict:
             info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         except Exception:  # older torch
             pass
-    from .kernels import kernel_settings
     info["cpu_kernels"] = kernel_settings()
     try:
         info["cpu_model"] = cpu_model()
