@@ -153,7 +153,7 @@ def test_evaluate_defaults_are_the_trainers():
     assert options.prompt_format == PROMPT_FORMAT == run.data.prompt_format
     assert (options.judge, options.max_new_tokens, options.batch_size, options.max_length) == \
         (run.eval.judge, run.eval.max_new_tokens, run.eval.eval_batch_size, TOY_MAX_LENGTH)
-    assert run.data.max_length is None  # the trainer's follows from the data (the toy world's is TOY_MAX_LENGTH)
+    assert run.data.max_length is None  # the trainer's follows from the data (the toy world's is TOY_CONTEXT)
     assert parse_evaluate_options(["--model", "m", "--zero3", "--local_rank=1"]).zero3 is True
 
 

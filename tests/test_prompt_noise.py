@@ -150,3 +150,60 @@ def test_the_default_rate_needs_normal_data():
     explicit = method_class("wpn").Options(prompt_noise=0.2)
     explicit.resolve_defaults(toy_world=False, has_normal_data=False)
     assert explicit.prompt_noise == 0.2
+
+
+def test_a_wrap_puts_a_run_of_pool_tokens_on_one_side_of_the_noised_text(toy_setup):
+    """--prompt_noise_wrap: with the same seed, a wrapped prompt is the unwrapped one's disturbed text
+    with a run of pool tokens before it or after it, at most twice as long as that text; about the
+    given share of the disturbed prompts is wrapped, on both sides; a wrap of 0 changes nothing."""
+    world, tokenizer, examples, encoded, normal = toy_setup
+    prompts = [e.positive.input_ids[:e.positive.prompt_length] for e in encoded]
+    plain = PromptNoise(0.4, tokenizer, FORMAT, prompts, 0)
+    wrapped = PromptNoise(0.4, tokenizer, FORMAT, prompts, 0, wrap=0.5)
+    unwrapped = PromptNoise(0.4, tokenizer, FORMAT, prompts, 0, wrap=0.0)
+    pool = set(plain.pool)
+    sides, disturbed = {"before": 0, "after": 0}, 0
+    for step in range(100):
+        for e, original in zip(encoded[:20], prompts):
+            base = plain.apply(original, e.example_id, step)
+            assert unwrapped.apply(original, e.example_id, step) == base
+            out = wrapped.apply(original, e.example_id, step)
+            if base is original:
+                assert out is original  # the same examples are disturbed
+                continue
+            disturbed += 1
+            start, stop = plain.text_span(original)
+            text = base[start:len(base) - (len(original) - stop)]
+            new = out[start:len(out) - (len(original) - stop)]
+            assert out[:start] == base[:start] and out[len(out) - (len(original) - stop):] == original[stop:]
+            extra = len(new) - len(text)
+            if extra == 0:
+                assert new == text
+                continue
+            assert 1 <= extra <= 2 * len(text)
+            if new[extra:] == text and set(new[:extra]) <= pool:
+                sides["before"] += 1
+            else:
+                assert new[:len(text)] == text and set(new[len(text):]) <= pool
+                sides["after"] += 1
+    assert 0.4 <= sum(sides.values()) / disturbed <= 0.6
+    assert min(sides.values()) >= 0.35 * sum(sides.values())
+    assert maker_for(toy_setup, prompt_noise_wrap=0.5).noise.wrap == 0.5  # the option reaches the batches
+    with pytest.raises(ValueError, match="prompt_noise_wrap"):
+        method_class("wpn").Options(prompt_noise_wrap=2)
+
+
+def test_a_long_wrap_is_cut_to_the_toy_models_positions(toy_setup):
+    """The toy world's --max_length is the toy model's position table: a prompt wrapped to more than
+    that leaves its example as written (no room for a response), and no packed row of any step is
+    longer than the model can take."""
+    from wpn_dist.app.data import TOY_CONTEXT
+    world, tokenizer, examples, _, normal = toy_setup
+    encoded, _, _ = encode_examples(examples, tokenizer, FORMAT, TOY_CONTEXT)
+    options = method_class("wpn").Options(recovery_cuts=3, retain_weight=1.0, prompt_noise=1.0, prompt_noise_wrap=1.0)
+    method = build_method("wpn", options)
+    maker = BatchMaker(encoded, examples, tokenizer, FORMAT, TOY_CONTEXT, method.row_groups(), normal, seed=0,
+                       **method.batch_options())
+    lengths = [len(s.token_ids) for step in range(1, 30) for s in maker.make(list(range(8)), step, 0, 0)["layout"].sequences]
+    assert max(lengths) <= TOY_CONTEXT
+    assert max(lengths) > 40  # the wraps did make long rows

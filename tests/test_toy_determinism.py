@@ -10,12 +10,10 @@ from conftest import REPO, cpu_env
 from wpn_dist.app import kernels
 
 # Implants a short toy model in a fresh process (thread count from OMP_NUM_THREADS), checks that the
-# caller's settings come back, and prints a sha256 over the saved state dict's tensors (names, dtypes,
-# shapes, bytes; not the file's bytes, whose metadata may vary) with the implant's record.
+# caller's settings come back, and prints the implant's fingerprint with its record.
 CHILD = r"""
-import glob, hashlib, json, os, sys
+import json, os
 import torch
-from safetensors.torch import load_file
 from wpn_dist.app import toy_world as toy
 threads = torch.get_num_threads()
 assert threads == int(os.environ["OMP_NUM_THREADS"]), threads
@@ -23,18 +21,10 @@ world = toy.make_world(toy.ToyWorldConfig(seed=0))
 cfg = toy.ImplantConfig(steps=30)
 out = toy.implant(world, cfg, toy.implant_dir(world.config, cfg), log=lambda message: None)
 assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
-state = {}
-for path in sorted(glob.glob(os.path.join(out, "*.safetensors"))):
-    state.update(load_file(path))
-assert state, os.listdir(out)
-digest = hashlib.sha256()
-for name in sorted(state):
-    tensor = state[name].contiguous()
-    digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-    digest.update(tensor.view(torch.uint8).numpy().tobytes())
 with open(os.path.join(out, "implant.json")) as f:
     record = json.load(f)
-print("RESULT " + json.dumps({"threads": threads, "sha256": digest.hexdigest(), "implant": record}))
+print("RESULT " + json.dumps({"threads": threads, "fingerprint": toy.implant_fingerprint(out), "dir": out,
+                             "implant": record}))
 """
 
 
@@ -52,10 +42,31 @@ def test_implant_is_bit_identical_under_one_and_two_threads(tmp_path):
     one = implant_in_subprocess(1, str(tmp_path / "cache1"))
     two = implant_in_subprocess(2, str(tmp_path / "cache2"))
     assert (one["threads"], two["threads"]) == (1, 2)
-    assert one["sha256"] == two["sha256"]
+    assert one["fingerprint"] == two["fingerprint"]
     for record in (one["implant"], two["implant"]):
         assert record["num_threads"] == 1 and record["deterministic"] is True
         assert record["versions"]["torch"] and record["versions"]["transformers"]
+
+
+def test_the_fingerprint_tells_one_changed_weight_and_not_a_resaved_copy(tmp_path):
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    from wpn_dist.app import toy_world as toy
+    made = implant_in_subprocess(1, str(tmp_path / "cache"))
+    assert made["fingerprint"]["final_loss"] == repr(made["implant"]["final_loss"])
+    copy = tmp_path / "copy"
+    shutil.copytree(made["dir"], copy)
+    weights = copy / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({name: state[name] for name in reversed(sorted(state))}, str(weights), metadata={"other": "metadata"})
+    assert toy.implant_fingerprint(str(copy)) == made["fingerprint"]  # the same tensors, another file
+    name = sorted(state)[0]
+    state[name].view(-1)[0] = torch.nextafter(state[name].view(-1)[0], torch.tensor(1e9))  # one ulp
+    save_file(state, str(weights))
+    changed = toy.implant_fingerprint(str(copy))
+    assert changed["weights_sha256"] != made["fingerprint"]["weights_sha256"]
+    assert changed["final_loss"] == made["fingerprint"]["final_loss"]
 
 
 def test_library_versions():

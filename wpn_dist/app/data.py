@@ -314,7 +314,10 @@ def batch_to_device(batch: dict, device) -> dict:
 
 
 PROMPT_FORMAT = "### Question: {prompt} ### Answer:"  # the default of every command line
-TOY_MAX_LENGTH = 256  # --max_length of the toy world, and of evaluate: every toy pair fits in it
+TOY_MAX_LENGTH = 256  # evaluate's --max_length: the teacher-forced rows are cut there
+# The toy model's positions, and so the toy world's --max_length: a row past it (a long disturbed
+# prompt, --prompt_noise_wrap) is cut to fit instead of indexing past the position table.
+TOY_CONTEXT = 64
 
 
 def lm_batch(pairs: list, pad_id: int) -> dict:
@@ -379,7 +382,7 @@ class BatchMaker:
     def __init__(self, encoded: list, examples: list, tokenizer, prompt_format: str, max_length: int,
                  groups: tuple, normal_rows: list | None, seed: int, recovery_cuts: int = 0,
                  recovery_depths: str = "even", layout: str = "packed", positive_responses: bool = True,
-                 prompt_noise: float = 0.0, prompt_noise_pool: str = "data"):
+                 prompt_noise: float = 0.0, prompt_noise_pool: str = "data", prompt_noise_wrap: float = 0.0):
         self.encoded, self.tokenizer, self.groups, self.seed = encoded, tokenizer, groups, seed
         self.layout, self.positive_responses = layout, positive_responses
         self.recovery_cuts = recovery_cuts if "recovery" in groups else 0
@@ -401,7 +404,8 @@ class BatchMaker:
             if prompt_noise_pool == "data":
                 responses = [x.input_ids[x.prompt_length:] for e in encoded for x in [e.positive] + e.negatives]
                 responses += [p.input_ids[p.prompt_length:] for p in self.normal_pairs]
-            self.noise = PromptNoise(prompt_noise, tokenizer, prompt_format, prompts, seed, responses)
+            self.noise = PromptNoise(prompt_noise, tokenizer, prompt_format, prompts, seed, responses,
+                                     wrap=prompt_noise_wrap)
         if ("normal" in groups or "random" in groups) and not self.normal_pairs:
             raise DataError("this method needs normal data (--normal_data), and none was given")
         self.anchors: dict = {}

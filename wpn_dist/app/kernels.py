@@ -11,6 +11,16 @@ fix the kernels to what every x86 CPU of the last decade has:
   CPUs (its AVX2 branch is fixed on Intel CPUs only; elsewhere MKL falls back to its own choice);
 - ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's instruction set.
 
+What this buys, measured: on one machine, the same numbers whatever the instruction set torch, MKL and
+oneDNN would have picked there. What it does not buy: the same numbers on an Intel and an AMD CPU. With
+these three set and the same library versions, an Intel Xeon and an AMD EPYC implant different seed-0
+models (the harmful responses' log-likelihood before unlearning -0.036839 against -0.036812 per
+token), and their WPN rows differ too (docs/toybench/seed*-intel.md against seed*.md). MKL's
+``COMPATIBLE,STRICT``, ``AVX``, ``AVX2`` and ``SSE4_2`` branches on the Intel machine do not give the
+AMD model either, so the difference lies outside the choices fixed here. Results record the machine,
+the kernels and the implanted model's fingerprint (``toy_world.implant_fingerprint``), so two tables
+can be told apart by where they came from.
+
 The libraries read these when they first compute, so they must be in the environment before that.
 ``pin_toy_kernels`` re-executes the process with them set; the launched ranks inherit them. A variable
 the user has set is left as it is; ``WPN_DIST_NATIVE_KERNELS=1`` leaves all three unset (the machine's
@@ -58,7 +68,7 @@ def pin_toy_kernels(log=print) -> None:  # ranks pass distributed.print0: said o
         return
     log("wpn_dist: the toy world runs with fixed CPU kernels ("
         + " ".join(f"{name}={value}" for name, value in unset.items())
-        + "), so that its numbers are the same on every x86 machine with AVX2")
+        + "), so that its numbers do not depend on the instruction set this CPU offers")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], dict(os.environ, **unset))

@@ -15,9 +15,13 @@ inserted token with probability ``rate / 2``. The tokens come from a pool of the
 tokens, so no word outside it is ever shown: by default (``--prompt_noise_pool data``) every token of
 the training rows, prompts and responses (harmless, harmful and normal) alike; with ``prompts`` only
 those of the training prompts and the normal data's prompts. On the toy world the responses' words
-matter: words appended to a prompt are often words found only in answers (colours, places), and with
-the prompts' pool alone 1.9% of the adversarial answers were a broken refusal on seeds 2 and 3, 0.9%
-with the whole pool (README, "The efficacy table").
+matter: words appended to a prompt are often words found only in answers (colours, places), so the
+default pool holds them (README, "The efficacy table", compares the two pools).
+
+With ``wrap`` (``--prompt_noise_wrap``) a disturbed prompt also gets, with that probability, a run of
+pool tokens before its text or after it (either side alike), as long as the text at most twice:
+attacks wrap a request in text of their own (a role to play, orders to obey, words appended), and
+the token-level noise never puts more than one token between two of the prompt's.
 The draws are seeded by (seed, step, example): every rank can tell what every other rank draws, and a
 resumed run draws the same. An example's positive, negatives and recovery rows share its disturbed
 prompt, so they still share their prompt's states in the packed layout."""
@@ -37,13 +41,16 @@ def _common_prefix(a: list, b: list) -> int:
 class PromptNoise:
     """``apply(pair_prompt_ids, example_id, step)`` -> the prompt ids of that example at that step."""
 
-    def __init__(self, rate: float, tokenizer, prompt_format: str, prompts: list, seed: int, responses: list = ()):
+    def __init__(self, rate: float, tokenizer, prompt_format: str, prompts: list, seed: int, responses: list = (),
+                 wrap: float = 0.0):
         """``prompts``: the prompt ids (formatted, as encoded) of every training example and normal row;
         ``responses``: response ids. The pool is every token of the prompts' own text and every token of
         the responses but the special ones (end of sequence, padding)."""
         if not 0 <= rate <= 1:
             raise ValueError(f"--prompt_noise must be within [0, 1], got {rate}")
-        self.rate, self.seed = rate, seed
+        if not 0 <= wrap <= 1:
+            raise ValueError(f"--prompt_noise_wrap must be within [0, 1], got {wrap}")
+        self.rate, self.seed, self.wrap = rate, seed, wrap
         head, _, tail = prompt_format.partition("{prompt}")
         self.head_ids = tokenizer(head.rstrip(), add_special_tokens=True)["input_ids"] if head.strip() else []
         self.tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
@@ -73,4 +80,8 @@ class PromptNoise:
                 text += [token, rng.choice(self.pool)]
             else:
                 text.append(token)
+        # Drawn after the tokens' draws, so that without a wrap the noise is what it always was.
+        if self.wrap > 0 and text and rng.random() < self.wrap:
+            run = [rng.choice(self.pool) for _ in range(rng.randint(1, 2 * len(text)))]
+            text = run + text if rng.random() < 0.5 else text + run
         return prompt_ids[:start] + text + prompt_ids[stop:]

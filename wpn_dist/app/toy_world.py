@@ -306,6 +306,26 @@ def implant_dir(world_cfg: ToyWorldConfig, implant_cfg: ImplantConfig) -> str:
     return os.path.join(cache_root(), "toy", digest)
 
 
+def implant_fingerprint(model_dir: str) -> dict:
+    """What identifies an implanted model across machines: its last training loss (all 17 digits) and
+    a SHA-256 over its weights (each tensor's name, dtype, shape and bytes, in name order; not the
+    file's bytes, whose metadata a library version may change). Two machines with the same fingerprint
+    start unlearning from the same model."""
+    from safetensors.torch import load_file
+    with open(os.path.join(model_dir, "implant.json")) as f:
+        final_loss = json.load(f)["final_loss"]
+    state = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(model_dir, name)))
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return {"final_loss": repr(final_loss), "weights_sha256": digest.hexdigest()}
+
+
 IMPLANT_THREADS = 1  # the implant's fixed torch thread count: its weights must not depend on the machine's
 
 
@@ -335,17 +355,17 @@ def implant(world: ToyWorld, cfg: ImplantConfig, out_dir: str, log=print) -> str
 def _implant(world: ToyWorld, cfg: ImplantConfig, out_dir: str, log) -> str:
     from dataclasses import replace
     from . import models
-    from .data import encode_pair, lm_batch
+    from .data import TOY_CONTEXT, encode_pair, lm_batch
     from .versions import library_versions
     torch.manual_seed(cfg.seed)
     tokenizer = make_tokenizer(world)
     base = models.MODEL_SPECS[cfg.model]
     spec = replace(base, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                   ffn_size=4 * cfg.hidden_size, max_positions=64)
+                   ffn_size=4 * cfg.hidden_size, max_positions=TOY_CONTEXT)
     config = models.build_config(spec, vocab_size=len(tokenizer), tokenizer=tokenizer)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config)
-    encoded = [encode_pair(tokenizer, PROMPT_FORMAT.format(prompt=p), r, max_length=64) for p, r in world.implant_pairs(cfg.include_harmful)]
+    encoded = [encode_pair(tokenizer, PROMPT_FORMAT.format(prompt=p), r, max_length=TOY_CONTEXT) for p, r in world.implant_pairs(cfg.include_harmful)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     rng = random.Random(cfg.seed)

@@ -28,7 +28,7 @@ from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
 from . import distributed, hub, kernels, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
-from .data import BatchMaker, DataCursor, TOY_MAX_LENGTH, batch_to_device, encode_examples, examples_from_rows, \
+from .data import BatchMaker, DataCursor, TOY_CONTEXT, batch_to_device, encode_examples, examples_from_rows, \
     read_examples, read_normal_jsonl, token_lengths, tokenize_examples  # noqa: E402
 from .evaluation import evaluate_model, evaluation_inputs, format_table, memorization_accuracy  # noqa: E402
 from .generation import generate  # noqa: E402
@@ -104,7 +104,7 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         if data.max_length is None:
             data.max_length = lengths.default_max_length(models.context_length(sources.model))
     elif data.max_length is None:
-        data.max_length = TOY_MAX_LENGTH
+        data.max_length = TOY_CONTEXT
     encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
                                                   data.overlong, source=data.data, tokenized=tokenized)
     notes = f"{len(encoded)} examples from {data.data} ({fmt})"

@@ -52,6 +52,7 @@ ABLATION = {
     "wpn prompt_noise=0": ["--prompt_noise", "0"],
     "wpn prompt_noise=0.2": ["--prompt_noise", "0.2"],
     "wpn prompt_noise_pool=prompts": ["--prompt_noise_pool", "prompts"],
+    "wpn prompt_noise_wrap=0.5": ["--prompt_noise_wrap", "0.5"],
     "wpn retention=3": ["--retention_weight", "3"],
     "wpn retain=0": ["--retain_weight", "0"],
     "wpn forget=0.05": ["--forget_weight", "0.05"],  # capped gradient ascent: against the relearning attack
@@ -244,6 +245,9 @@ def markdown(results: dict) -> str:
               f"harmful answer instead would count {100 * _other_topic_share(results['seed']):.0f}% of the time: the topics "
               f"share harm words). The retrain oracle was implanted without any harmful pair. Total wall time "
               f"{results['wall_seconds']:.0f} s."]
+    if "implant" in results:  # results written before the fingerprint was recorded lack it
+        lines[-1] += (f" The implanted model: last loss {results['implant']['final_loss']}, weights SHA-256 "
+                      f"{results['implant']['weights_sha256'][:16]} (the same on two machines: the same model).")
     return "\n".join(lines)
 
 
@@ -370,7 +374,7 @@ def main(argv=None) -> dict:
     results = {"seed": args.seed, "steps": args.steps, "ranks": args.ranks, "targets": TARGETS,
                "wall_seconds": time.time() - started, "before": first["before"],
                "before_relearn": _relearn(base, world, args.seed, os.path.join(args.out, "before_relearn.json")),
-               "runs": runs, "versions": library_versions()}
+               "implant": toy_world.implant_fingerprint(base), "runs": runs, "versions": library_versions()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = markdown(results)

@@ -78,6 +78,9 @@ class WPNOptions:
         "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
                 "responses (data), or of the prompts only (our choice: on the toy world the responses' words "
                 "are needed against appended words; README, the efficacy table)."})
+    prompt_noise_wrap: float = field(default=0.0, metadata={
+        "help": "WPN with --prompt_noise: the probability that a disturbed prompt is also wrapped, a run of the "
+                "pool's tokens put before or after its text (our choice; wpn_dist.app.prompt_noise). 0: no wrap."})
     forget_weight: float = field(default=0.0, metadata={
         "help": "WPN: weight of a forget term (our choice; 0, the default: off): gradient ascent on the harmful "
                 "responses' tokens, each token's NLL capped at --forget_cap so that a token already that unlikely "
@@ -100,6 +103,8 @@ class WPNOptions:
             raise ValueError(f"--forget_cap must be > 0, got {self.forget_cap}")
         if self.prompt_noise is not None and not 0 <= self.prompt_noise <= 1:
             raise ValueError(f"--prompt_noise must be within [0, 1], got {self.prompt_noise}")
+        if not 0 <= self.prompt_noise_wrap <= 1:
+            raise ValueError(f"--prompt_noise_wrap must be within [0, 1], got {self.prompt_noise_wrap}")
         for name in ("npair_weight", "positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight",
                      "retention_weight", "forget_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
@@ -144,7 +149,8 @@ class WPN(Method):
 
     def batch_options(self) -> dict:
         return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths,
-                "prompt_noise": self.options.prompt_noise or 0.0, "prompt_noise_pool": self.options.prompt_noise_pool}
+                "prompt_noise": self.options.prompt_noise or 0.0, "prompt_noise_pool": self.options.prompt_noise_pool,
+                "prompt_noise_wrap": self.options.prompt_noise_wrap}
 
     def needs_reference(self) -> bool:
         o = self.options
