@@ -314,8 +314,8 @@ def batch_to_device(batch: dict, device) -> dict:
 
 
 PROMPT_FORMAT = "### Question: {prompt} ### Answer:"  # the default of every command line
-TOY_MAX_LENGTH = 256  # evaluate's --max_length: the teacher-forced rows are cut there
-# The toy model's positions, and so the toy world's --max_length: a row past it (a long disturbed
+TOY_MAX_LENGTH = 256  # --max_length of evaluate, and of the toy world's data on another model
+# The toy model's positions, and so the toy world's --max_length on it: a row past it (a long disturbed
 # prompt, --prompt_noise_wrap) is cut to fit instead of indexing past the position table.
 TOY_CONTEXT = 64
 

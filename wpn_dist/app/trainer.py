@@ -28,7 +28,7 @@ from ..core import packed_attention  # noqa: E402
 from ..core.methods import build_method  # noqa: E402
 from . import distributed, hub, kernels, toy_world  # noqa: E402
 from .config import ConfigError, RunConfig, parse_config  # noqa: E402
-from .data import BatchMaker, DataCursor, TOY_CONTEXT, batch_to_device, encode_examples, examples_from_rows, \
+from .data import BatchMaker, DataCursor, TOY_CONTEXT, TOY_MAX_LENGTH, batch_to_device, encode_examples, examples_from_rows, \
     read_examples, read_normal_jsonl, token_lengths, tokenize_examples  # noqa: E402
 from .evaluation import evaluate_model, evaluation_inputs, format_table, memorization_accuracy  # noqa: E402
 from .generation import generate  # noqa: E402
@@ -103,8 +103,8 @@ def prepare_inputs(cfg: RunConfig, method) -> RunInputs:
         lengths = token_lengths(tokenized)
         if data.max_length is None:
             data.max_length = lengths.default_max_length(models.context_length(sources.model))
-    elif data.max_length is None:
-        data.max_length = TOY_CONTEXT
+    elif data.max_length is None:  # the toy world: its own model has TOY_CONTEXT positions, others more
+        data.max_length = TOY_CONTEXT if cfg.model.model == "toy" else TOY_MAX_LENGTH
     encoded, dropped, truncated = encode_examples(examples, tokenizer, data.prompt_format, data.max_length,
                                                   data.overlong, source=data.data, tokenized=tokenized)
     notes = f"{len(encoded)} examples from {data.data} ({fmt})"
