@@ -7,13 +7,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The toy world's fixed CPU kernels (wpn_dist/app/kernels.py), for this process and every rank it
-# starts, set before anything computes: the session's implant is then the one the commands make.
-from wpn_dist.app import kernels  # noqa: E402
-
-if kernels.has_avx2():
-    for name, value in kernels.PINNED.items():
-        os.environ.setdefault(name, value)
+# The tests run on the machine's own CPU kernels, in this process and in every command and rank it
+# starts (WPN_DIST_NATIVE_KERNELS=1, before anything computes: the session's implant is then the one
+# the toy commands make). The toy world's fixed kernels (wpn_dist/app/kernels.py) are there to give the
+# committed tables' numbers, which no test recomputes, and MKL's fixed code path doubles the time of
+# every toy-world run; test_toy_determinism checks the pinning itself.
+os.environ.setdefault("WPN_DIST_NATIVE_KERNELS", "1")
 
 
 def free_port() -> int:
@@ -32,6 +31,58 @@ def cpu_env(**extra) -> dict:
 def toy_cache(tmp_path_factory):
     """One toy-model cache for the whole test session (the implant runs at most once)."""
     return os.environ.get("WPN_DIST_CACHE") or str(tmp_path_factory.mktemp("wpn_cache"))
+
+
+def run_ranks(script_and_args: list, num_procs: int = 2, timeout: int = 600, check: bool = True,
+              **env) -> subprocess.CompletedProcess:
+    """Start NUM_PROCS ranks of a script on this machine directly, with the variables a launcher sets
+    (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), for the tests of what ranks
+    compute. It skips the deepspeed launcher's two processes, which import deepspeed and torch before a
+    rank starts (about 7 s a launch on 2 cores); the launcher itself runs in the main job's and the
+    launchers' tests (run_deepspeed) and under Slurm. As the launcher does, it stops the other ranks
+    when one fails (after 3 s, in which they may end on their own). Returns the ranks' output, rank
+    0's first; unless check=False, fails the test with it when a rank fails."""
+    import tempfile
+    import time
+    port = str(free_port())
+    command = [sys.executable] + (["-m"] + script_and_args[1:] if script_and_args[0] == "--module" else script_and_args)
+    with tempfile.TemporaryDirectory() as logs:
+        ranks = []
+        for rank in range(num_procs):
+            rank_env = cpu_env(**env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_procs),
+                               LOCAL_WORLD_SIZE=str(num_procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            out, err = (open(os.path.join(logs, f"{rank}.{kind}"), "w+") for kind in ("out", "err"))
+            ranks.append((subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=out,
+                                           stderr=err, text=True), out, err))
+        deadline, kill_at = time.monotonic() + timeout, None
+        while any(p.poll() is None for p, _, _ in ranks):
+            failed = any(p.returncode not in (None, 0) for p, _, _ in ranks)
+            if failed and kill_at is None:  # the others may be on their way out too: a moment to finish
+                kill_at = time.monotonic() + 3
+            if (failed and time.monotonic() > kill_at) or time.monotonic() > deadline:
+                for p, _, _ in ranks:
+                    if p.poll() is None:
+                        p.kill()
+                for p, _, _ in ranks:
+                    p.wait()
+                if not failed:
+                    raise subprocess.TimeoutExpired(script_and_args, timeout)
+                break
+            time.sleep(0.1)
+        codes = [p.returncode for p, _, _ in ranks]
+        texts = []
+        for _, out, err in ranks:
+            out.seek(0)
+            err.seek(0)
+            texts.append((out.read(), err.read()))
+            out.close()
+            err.close()
+    returncode = next((c for c in codes if c != 0), 0)
+    result = subprocess.CompletedProcess(script_and_args, returncode, "".join(o for o, _ in texts),
+                                         "".join(e for _, e in texts))
+    if check and returncode != 0:
+        pytest.fail(f"ranks exited {codes}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
 
 
 def run_deepspeed(script_and_args: list, num_procs: int = 2, timeout: int = 600, check: bool = True,

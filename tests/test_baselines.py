@@ -263,17 +263,21 @@ def test_memorization_accuracy_counts_greedy_hits_on_response_tokens(toy):
     # memorised harmful answers, and refusals to the same prompts that the model never gave
     rows = world.extraction_rows()[:4] + [{"prompt": r["prompt"], "response": world.refusal("it")}
                                           for r in world.extraction_rows()[:4]]
-    hits, total, nll = 0, 0, 0.0
+    hits, total, nll = [0, 0], [0, 0], 0.0  # [harmful rows, refusal rows]
     with torch.no_grad():
-        for pair in encode_normal(rows, tokenizer, toy_world.PROMPT_FORMAT, 64):  # each row alone, by hand
+        # each row alone, by hand
+        for i, pair in enumerate(encode_normal(rows, tokenizer, toy_world.PROMPT_FORMAT, 64)):
             ids = torch.tensor([pair.input_ids])
             logits = model(input_ids=ids).logits[0, :-1]
             targets = ids[0, 1:]
             response = torch.arange(targets.shape[0]) >= pair.prompt_length - 1
-            hits += int((logits.argmax(-1) == targets)[response].sum())
-            total += int(response.sum())
+            hits[i >= 4] += int((logits.argmax(-1) == targets)[response].sum())
+            total[i >= 4] += int(response.sum())
             nll += float(F.cross_entropy(logits[response], targets[response], reduction="sum"))
-    assert 0.3 < hits / total < 0.9  # the harmful answers are known, the refusals are not
+    # The harmful answers are known token by token; the refusals, never given to these prompts, less so
+    # (their wording is the world's refusal template, so much of it is still guessed).
+    assert hits[1] / total[1] < 0.9 < hits[0] / total[0]  # seen here: 0.71-0.83 and 0.98
+    hits, total = sum(hits), sum(total)
     accuracy = memorization_accuracy(model, tokenizer, rows, toy_world.PROMPT_FORMAT, 64, 3)
     assert accuracy == pytest.approx(hits / total)
     assert perplexity(model, tokenizer, rows, toy_world.PROMPT_FORMAT, 64, 3) == pytest.approx(math.exp(nll / total),

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import REPO, run_deepspeed
+from conftest import REPO, run_ranks
 from wpn_dist.app import checkpoint
 
 
@@ -29,16 +29,16 @@ def losses(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("ckpt") / "uninterrupted"
-    run_deepspeed(ARGS + ["--output_dir", str(run)])
+    run_ranks(ARGS + ["--output_dir", str(run)])
     return run
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(uninterrupted, tmp_path):
     run = tmp_path / "crashed"
-    crashed = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("exit_after_step:5"))
+    crashed = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault("exit_after_step:5"))
     assert crashed.returncode != 0
     assert checkpoint.newest_complete(str(run)).endswith("step00000003")
-    resumed = run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"])
+    resumed = run_ranks(ARGS + ["--output_dir", str(run), "--resume", "auto"])
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     want, got = losses(uninterrupted), losses(run)
     assert sorted(got) == list(range(1, 9))
@@ -50,7 +50,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(uninterrupted, tmp_pa
 
 def test_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "crash_in_save"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("crash_in_save:6"))
+    result = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault("crash_in_save:6"))
     assert result.returncode != 0
     root = checkpoint.checkpoint_root(str(run))
     assert open(os.path.join(root, "latest")).read() == "step00000003"
@@ -73,13 +73,13 @@ def test_truncated_shard_is_detected_and_the_previous_checkpoint_used(uninterrup
     assert checkpoint.newest_complete(str(run), log=messages.append).endswith("step00000006")
     assert "truncated" in messages[0] and os.path.basename(shard) in messages[0]
     # Naming the broken checkpoint explicitly is a clear error.
-    result = run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", newest], check=False)
+    result = run_ranks(ARGS + ["--output_dir", str(run), "--resume", newest], check=False)
     assert result.returncode != 0 and "truncated" in result.stderr
 
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("nan_at_step:5"))
+    result = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault("nan_at_step:5"))
     assert result.returncode != 0
     good = os.path.join(checkpoint.checkpoint_root(str(run)), "step00000003")
     assert f"non-finite loss at step 5; the last good checkpoint is {good}" in result.stderr
@@ -88,10 +88,10 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
 
 def test_stop_signal_on_one_rank_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
     run = tmp_path / "signalled"
-    stopped = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("usr1_last_rank_at_step:4"))
+    stopped = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault("usr1_last_rank_at_step:4"))
     assert stopped.returncode != 0 and "exiting with status 99" in stopped.stdout
     assert checkpoint.newest_complete(str(run)).endswith("step00000004")
-    run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"])
+    run_ranks(ARGS + ["--output_dir", str(run), "--resume", "auto"])
     want, got = losses(uninterrupted), losses(run)
     for step in range(5, 9):
         assert got[step] == pytest.approx(want[step], abs=1e-6, rel=1e-6), step

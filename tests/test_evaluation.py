@@ -1,10 +1,11 @@
-"""Evaluation (python -m wpn_dist.evaluate), the baselines under the real launcher, and the toy benchmark."""
+"""Evaluation (python -m wpn_dist.evaluate), the baselines on 2 ZeRO-3 ranks, and the toy benchmark."""
 import json
-import os
 import subprocess
 import sys
 
-from conftest import REPO, cpu_env, run_deepspeed
+import torch
+
+from conftest import REPO, cpu_env, run_ranks
 from wpn_dist.app import kernels
 
 
@@ -30,7 +31,7 @@ def test_evaluate_cli_on_the_implanted_toy_model_one_rank_and_two_zero3_ranks(tm
     assert {"prefill", "prefill/1", "prefill/3", "prefill/half"} <= set(rates) and "extraction_loglik" in single
     # Two ranks, the model partitioned with ZeRO-3: generation in lockstep gives the same answers.
     two = tmp_path / "two"
-    run_deepspeed(["--module", "wpn_dist.evaluate", "--model", implanted_toy_model, "--toy_seed", "0", "--zero3",
+    run_ranks(["--module", "wpn_dist.evaluate", "--model", implanted_toy_model, "--toy_seed", "0", "--zero3",
                    "--out", str(two)], timeout=600)
     sharded = json.loads((two / "evaluation.json").read_text())
     for split, rate in rates.items():
@@ -60,7 +61,7 @@ def test_evaluate_cli_on_your_own_prompts_and_bad_input(tmp_path, implanted_toy_
 def test_baselines_run_under_zero3_with_a_frozen_reference(tmp_path, toy_cache):
     for method, terms in [("ga", {"loss/ga", "loss/random", "loss/kl"}), ("icu", {"loss/forget", "loss/analogous", "loss/kl"})]:
         run = tmp_path / method
-        run_deepspeed(["wpn_dist/train.py", "--method", method, "--steps", "20", "--log_every", "10",
+        run_ranks(["wpn_dist/train.py", "--method", method, "--steps", "20", "--log_every", "10",
                        "--evaluate", "false", "--export_hf", "false", "--output_dir", str(run)], WPN_DIST_CACHE=toy_cache)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert terms | {"loss/total"} <= set(rows[-1]), rows[-1]
@@ -72,7 +73,7 @@ def test_baselines_run_under_zero3_with_a_frozen_reference(tmp_path, toy_cache):
 
 def test_icu_stops_when_every_forget_sample_counts_as_unlearned(tmp_path, toy_cache):
     run = tmp_path / "icu"
-    result = run_deepspeed(["wpn_dist/train.py", "--method", "icu", "--icu_bleu_threshold", "2", "--steps", "20",
+    result = run_ranks(["wpn_dist/train.py", "--method", "icu", "--icu_bleu_threshold", "2", "--steps", "20",
                             "--evaluate", "false", "--export_hf", "false", "--output_dir", str(run)],
                            WPN_DIST_CACHE=toy_cache)
     assert "every forget sample counts as unlearned" in result.stdout
@@ -82,7 +83,7 @@ def test_icu_stops_when_every_forget_sample_counts_as_unlearned(tmp_path, toy_ca
 def test_icu_second_stopping_rule_stops_a_real_run(tmp_path, toy_cache):
     """Thresholds above any possible value: both measures are below them before the first epoch."""
     run = tmp_path / "icu"
-    result = run_deepspeed(["wpn_dist/train.py", "--method", "icu", "--icu_ma_threshold", "1.01",
+    result = run_ranks(["wpn_dist/train.py", "--method", "icu", "--icu_ma_threshold", "1.01",
                             "--icu_el_threshold", "1.01", "--steps", "20", "--evaluate", "false",
                             "--export_hf", "false", "--output_dir", str(run)], WPN_DIST_CACHE=toy_cache)
     assert "memorisation accuracy" in result.stdout and "both below: training stops" in result.stdout
@@ -106,8 +107,9 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     # The oracle never learned the harmful pairs: nothing to extract, nothing to relearn from the other half.
     assert oracle["after"]["extraction_loglik"] < -5 and oracle["relearn"]["20"] == 0
     assert results["before_relearn"]["0"] == 1.0 and results["versions"]["torch"]
-    if kernels.has_avx2():  # the toy world's fixed CPU kernels, recorded
-        assert results["versions"]["cpu_kernels"] == kernels.PINNED and results["versions"]["cpu_capability"] == "AVX2"
+    # The kernels it ran on, recorded: the tests' own (conftest: WPN_DIST_NATIVE_KERNELS=1).
+    assert results["versions"]["cpu_kernels"] == dict.fromkeys(kernels.PINNED)
+    assert results["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     table = (out / "results.md").read_text()
     assert "| before unlearning |" in table and "| wpn |" in table and "| ga |" in table
     assert "| retrain oracle |" in table and "Prefill split by depth" in table and "Degenerate share by split" in table

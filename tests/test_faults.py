@@ -1,4 +1,4 @@
-"""The fault matrix, on 2 CPU ranks with the real launcher: however a save dies, the run continues
+"""The fault matrix, on 2 CPU ranks: however a save dies, the run continues
 from a complete checkpoint and loses nothing that was complete. Each case interrupts the 8-step run of
 test_checkpoint (saves at steps 3, 6, 8) during the save of step 6, resumes with --resume auto, and
 compares every later step's loss with the uninterrupted run."""
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cpu_env, free_port, run_deepspeed
+from conftest import REPO, cpu_env, free_port, run_ranks
 from test_checkpoint import ARGS, fault, losses
 from wpn_dist.app import checkpoint
 
@@ -19,12 +19,12 @@ from wpn_dist.app import checkpoint
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("faults") / "uninterrupted"
-    run_deepspeed(ARGS + ["--output_dir", str(run)])
+    run_ranks(ARGS + ["--output_dir", str(run)])
     return run
 
 
 def resume_and_compare(run, uninterrupted, resumed_at: int) -> None:
-    result = run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"])
+    result = run_ranks(ARGS + ["--output_dir", str(run), "--resume", "auto"])
     assert f"at step {resumed_at}" in result.stdout
     want, got = losses(uninterrupted), losses(run)
     for step in range(resumed_at + 1, 9):
@@ -35,7 +35,7 @@ def resume_and_compare(run, uninterrupted, resumed_at: int) -> None:
 @pytest.mark.parametrize("phase,survivor", [("shards_written", 3), ("manifest_written", 3), ("renamed", 6)])
 def test_sigkill_of_one_rank_during_a_save(phase, survivor, uninterrupted, tmp_path):
     run = tmp_path / phase
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault(f"kill_at_{phase}:6"))
+    result = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault(f"kill_at_{phase}:6"))
     assert result.returncode != 0
     newest = checkpoint.newest_complete(str(run), log=lambda m: None)
     assert newest.endswith(f"step{survivor:08d}") and checkpoint.problem_with(newest) is None
@@ -48,7 +48,7 @@ def test_sigkill_of_one_rank_during_a_save(phase, survivor, uninterrupted, tmp_p
 
 def test_full_disk_during_a_save(uninterrupted, tmp_path):
     run = tmp_path / "enospc"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("enospc_in_save:6"))
+    result = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault("enospc_in_save:6"))
     assert result.returncode != 0 and "No space left on device" in result.stdout + result.stderr
     assert checkpoint.newest_complete(str(run), log=lambda m: None).endswith("step00000003")
     resume_and_compare(run, uninterrupted, 3)
@@ -56,7 +56,7 @@ def test_full_disk_during_a_save(uninterrupted, tmp_path):
 
 def test_sigterm_during_a_save_finishes_it_then_stops_at_the_next_step(uninterrupted, tmp_path):
     run = tmp_path / "sigterm"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, **fault("sigterm_in_save:6"))
+    result = run_ranks(ARGS + ["--output_dir", str(run)], check=False, **fault("sigterm_in_save:6"))
     assert "exiting with status 99" in result.stdout, result.stdout[-2000:]
     assert checkpoint.newest_complete(str(run)).endswith("step00000007")
     resume_and_compare(run, uninterrupted, 7)
@@ -64,7 +64,7 @@ def test_sigterm_during_a_save_finishes_it_then_stops_at_the_next_step(uninterru
 
 def test_no_save_is_started_that_cannot_finish_before_the_kill(uninterrupted, tmp_path):
     run = tmp_path / "no_time"
-    result = run_deepspeed(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_KILL_WAIT_S="0",
+    result = run_ranks(ARGS + ["--output_dir", str(run)], check=False, WPN_DIST_KILL_WAIT_S="0",
                            **fault("sigterm_in_save:6"))
     assert "not saving; the run continues from" in result.stdout and "exiting with status 99" in result.stdout
     root = checkpoint.checkpoint_root(str(run))
@@ -105,7 +105,7 @@ def test_a_second_job_on_the_same_directory_refuses(tmp_path):
             time.sleep(0.2)
         holder = json.loads((run / ".lock").read_text())
         assert {"host", "pid"} <= set(holder)
-        second = run_deepspeed(ARGS + ["--output_dir", str(run), "--resume", "auto"], num_procs=1, check=False)
+        second = run_ranks(ARGS + ["--output_dir", str(run), "--resume", "auto"], num_procs=1, check=False)
         assert second.returncode == 2
         assert f"is in use by another run (host {holder['host']} pid {holder['pid']}" in second.stderr
     finally:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, run_deepspeed
+from conftest import REPO, run_ranks
 from wpn_dist.app import harness, models, toy_world as toy
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "lm_eval_toy")
@@ -138,7 +138,7 @@ def test_two_ranks_both_modes_match_one_process(trained, local):
     (work / "broken").mkdir()
     broken = (Path(FIXTURE) / "toy_qa.yaml").read_text().replace("task: wpn_toy_qa", "task: wpn_broken")
     (work / "broken" / "broken.yaml").write_text(broken.replace("toy_qa.jsonl", "missing.jsonl"))
-    run_deepspeed(["tests/dist_scripts/lm_eval_modes.py", str(work)], **OFFLINE,
+    run_ranks(["tests/dist_scripts/lm_eval_modes.py", str(work)], **OFFLINE,
                   HF_DATASETS_CACHE=os.environ["HF_DATASETS_CACHE"])
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank gets the same results

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_deepspeed
+from conftest import run_ranks
 
 MODELS = ("tiny-opt", "tiny-gpt-neo")
 SHARD = 40_000  # the dist script's max_shard_size
@@ -25,7 +25,7 @@ def run(tmp_path_factory):
         model = models.load_model(name, tokenizer, init="random", seed=7)
         model.save_pretrained(work / "src" / name)
         tokenizer.save_pretrained(work / "src" / name)
-    run_deepspeed(["tests/dist_scripts/hf_io.py", str(work)])
+    run_ranks(["tests/dist_scripts/hf_io.py", str(work)])
     return work, json.loads((work / "results.json").read_text())
 
 
@@ -156,14 +156,14 @@ def test_export_command_writes_the_newest_checkpoint_of_a_run(tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from conftest import REPO
     run_dir = tmp_path / "run"
-    run_deepspeed(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
+    run_ranks(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
                    "--data", os.path.join(REPO, "tests", "data", "tiny.jsonl"), "--steps", "3",
                    "--micro_batch_size", "2", "--lr", "1e-3", "--warmup_steps", "0", "--log_every", "1",
                    "--save_every", "2", "--export_hf", "false", "--output_dir", str(run_dir)])
     assert not (run_dir / "hf").exists()
     record = {f: (run_dir / f).read_bytes() for f in ("summary.json", "config.json", "metrics.jsonl")}
     out = tmp_path / "exported"
-    result = run_deepspeed(["--module", "wpn_dist.export", str(run_dir), "--out", str(out), "--max_shard_size", "100KB"])
+    result = run_ranks(["--module", "wpn_dist.export", str(run_dir), "--out", str(out), "--max_shard_size", "100KB"])
     assert "step00000003" in result.stdout and "wpn_dist: exported" in result.stdout
     assert {f: (run_dir / f).read_bytes() for f in record} == record  # summary.json is the run's, not a 0-step one's
     root = run_dir / "checkpoints"

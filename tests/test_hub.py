@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cpu_env, run_deepspeed
+from conftest import REPO, cpu_env, run_ranks
 from fake_hub import add_repo
 
 MODEL_ID, DATA_ID = "fake-org/tiny-opt", "fake-org/pku-mini"
@@ -46,7 +46,7 @@ def train_argv(model=MODEL_ID, *extra):
 
 def test_two_ranks_train_offline_from_hub_ids(hf_home, tmp_path):
     # No --output_dir: the run goes under OUTPUT_ROOT. No --max_length: it follows from the data.
-    result = run_deepspeed(train_argv(), **offline_env(hf_home, OUTPUT_ROOT=str(tmp_path / "root")))
+    result = run_ranks(train_argv(), **offline_env(hf_home, OUTPUT_ROOT=str(tmp_path / "root")))
     runs = os.listdir(tmp_path / "root")
     assert len(runs) == 1 and runs[0].startswith("wpn-tiny-opt-"), runs
     summary = json.loads((tmp_path / "root" / runs[0] / "summary.json").read_text())

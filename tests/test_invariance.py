@@ -11,7 +11,7 @@ invariance is checked with local negatives (the example's own harmful responses)
 import pytest
 import torch
 
-from conftest import run_deepspeed
+from conftest import run_ranks
 from test_parity import assert_same
 from wpn_dist.core.methods import method_names
 
@@ -24,7 +24,7 @@ def layouts(tmp_path_factory):
     out = {}
     for layout, ranks in (("1x4", 1), ("2x2", 2), ("1x2acc2", 1)):
         path = tmp_path_factory.mktemp("inv") / f"{layout}.pt"
-        run_deepspeed(["tests/dist_scripts/invariance.py", layout, str(path)], num_procs=ranks)
+        run_ranks(["tests/dist_scripts/invariance.py", layout, str(path)], num_procs=ranks)
         out[layout] = torch.load(path)
     return out
 
@@ -40,7 +40,7 @@ def batch_layouts(tmp_path_factory, layouts):
     out = {("1x4", "tiny-opt", "packed"): layouts["1x4"], ("2x2", "tiny-opt", "packed"): layouts["2x2"]}
     for key, ranks in LAYOUT_RUNS.items():
         path = tmp_path_factory.mktemp("layout") / ("-".join(key) + ".pt")
-        run_deepspeed(["tests/dist_scripts/invariance.py", key[0], str(path), key[1], key[2]], num_procs=ranks)
+        run_ranks(["tests/dist_scripts/invariance.py", key[0], str(path), key[1], key[2]], num_procs=ranks)
         out[key] = torch.load(path)
     return out
 

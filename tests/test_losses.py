@@ -71,5 +71,5 @@ def test_bad_shapes_and_temperature_raise():
 def test_planned_npair_loss_issues_one_gather_on_two_ranks():
     """With the step plan's dedup mask and shapes the N-pair loss needs one collective each way, and
     equals the general path (tests/dist_scripts/one_gather.py asserts both)."""
-    from conftest import run_deepspeed
-    run_deepspeed(["tests/dist_scripts/one_gather.py"], num_procs=2)
+    from conftest import run_ranks
+    run_ranks(["tests/dist_scripts/one_gather.py"], num_procs=2)

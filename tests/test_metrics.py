@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-from conftest import REPO, run_deepspeed
+from conftest import REPO, run_ranks
 
 
 def test_logged_loss_is_the_window_mean_and_step_time_excludes_pauses(tmp_path):
     run = tmp_path / "run"
     env = {"WPN_DIST_HOOKS": "fault_hooks:RecordingHooks", "WPN_DIST_RECORD": str(tmp_path / "losses{rank}.jsonl"),
            "WPN_DIST_PAUSE_S": "1.5", "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")}
-    run_deepspeed(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
+    run_ranks(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
                    "--data", os.path.join(REPO, "tests", "data", "tiny.jsonl"), "--steps", "4",
                    "--micro_batch_size", "1", "--gradient_accumulation_steps", "2", "--lr", "1e-3",
                    "--log_every", "2", "--save_every", "1", "--export_hf", "false", "--output_dir", str(run)],

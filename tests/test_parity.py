@@ -3,7 +3,7 @@ the loss and full parameter gradients of one process on the same W*B examples.""
 import pytest
 import torch
 
-from conftest import run_deepspeed
+from conftest import run_ranks
 
 MODELS = "tiny-opt,tiny-gpt-neo"
 
@@ -14,7 +14,7 @@ def reference(tmp_path_factory):
     out = {}
     for rows in ("4", "5"):
         path = tmp_path_factory.mktemp("ref") / f"ref{rows}.pt"
-        run_deepspeed(["tests/dist_scripts/parity.py", MODELS, rows, str(path)], num_procs=1)
+        run_ranks(["tests/dist_scripts/parity.py", MODELS, rows, str(path)], num_procs=1)
         out[rows] = torch.load(path)
     return out
 
@@ -39,5 +39,5 @@ def assert_same(got: dict, want: dict):
                          ids=["2x2", "unequal-3+2", "4-ranks"])
 def test_sharded_matches_single_process(rows, ref, reference, tmp_path):
     path = tmp_path / "dist.pt"
-    run_deepspeed(["tests/dist_scripts/parity.py", MODELS, rows, str(path)], num_procs=len(rows.split(",")))
+    run_ranks(["tests/dist_scripts/parity.py", MODELS, rows, str(path)], num_procs=len(rows.split(",")))
     assert_same(torch.load(path), reference[ref])

@@ -3,14 +3,14 @@ import json
 import math
 import os
 
-from conftest import REPO, run_deepspeed
+from conftest import REPO, run_deepspeed, run_ranks
 
 DATA = os.path.join(REPO, "tests", "data")
 
 
 def test_random_init_models_start_near_uniform_loss(tmp_path):
     out = tmp_path / "first_loss.json"
-    run_deepspeed(["tests/dist_scripts/first_loss.py", str(out)])
+    run_ranks(["tests/dist_scripts/first_loss.py", str(out)])
     for name, r in json.loads(out.read_text()).items():
         assert r["stage"] == 3
         assert abs(r["loss"] - r["ln_vocab"]) <= 0.1 * r["ln_vocab"], (name, r)
@@ -18,7 +18,7 @@ def test_random_init_models_start_near_uniform_loss(tmp_path):
 
 def test_training_run_writes_its_run_directory(tmp_path):
     run = tmp_path / "run"
-    run_deepspeed(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
+    run_ranks(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
                    "--data", os.path.join(DATA, "tiny.jsonl"), "--steps", "4", "--micro_batch_size", "2",
                    "--log_every", "2", "--lr", "1e-3", "--output_dir", str(run)])
     summary = json.loads((run / "summary.json").read_text())
@@ -57,7 +57,7 @@ def test_packed_and_padded_training_runs_log_the_same_losses(tmp_path):
     losses = {}
     for layout in ("packed", "padded"):
         run = tmp_path / layout
-        run_deepspeed(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
+        run_ranks(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
                        "--data", os.path.join(DATA, "tiny.jsonl"), "--steps", "4", "--micro_batch_size", "2",
                        "--log_every", "1", "--lr", "1e-3", "--activation_checkpointing", "--retain_weight", "1",
                        "--normal_data", str(normal), "--batch_layout", layout,
