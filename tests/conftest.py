@@ -12,7 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the toy commands make). The toy world's fixed kernels (wpn_dist/app/kernels.py) are there to give the
 # committed tables' numbers, which no test recomputes, and MKL's fixed code path doubles the time of
 # every toy-world run; test_toy_determinism checks the pinning itself.
-os.environ.setdefault("WPN_DIST_NATIVE_KERNELS", "1")
+from wpn_dist.app import kernels  # noqa: E402
+
+os.environ.setdefault(kernels.NATIVE, "1")
 
 
 def free_port() -> int:
@@ -47,36 +49,29 @@ def run_ranks(script_and_args: list, num_procs: int = 2, timeout: int = 600, che
     port = str(free_port())
     command = [sys.executable] + (["-m"] + script_and_args[1:] if script_and_args[0] == "--module" else script_and_args)
     with tempfile.TemporaryDirectory() as logs:
+        logs_of = [(os.path.join(logs, f"{rank}.out"), os.path.join(logs, f"{rank}.err")) for rank in range(num_procs)]
         ranks = []
-        for rank in range(num_procs):
+        for rank, (out, err) in enumerate(logs_of):
             rank_env = cpu_env(**env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_procs),
                                LOCAL_WORLD_SIZE=str(num_procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            out, err = (open(os.path.join(logs, f"{rank}.{kind}"), "w+") for kind in ("out", "err"))
-            ranks.append((subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=out,
-                                           stderr=err, text=True), out, err))
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                ranks.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=stdout, stderr=stderr))
         deadline, kill_at = time.monotonic() + timeout, None
-        while any(p.poll() is None for p, _, _ in ranks):
-            failed = any(p.returncode not in (None, 0) for p, _, _ in ranks)
-            if failed and kill_at is None:  # the others may be on their way out too: a moment to finish
-                kill_at = time.monotonic() + 3
-            if (failed and time.monotonic() > kill_at) or time.monotonic() > deadline:
-                for p, _, _ in ranks:
-                    if p.poll() is None:
-                        p.kill()
-                for p, _, _ in ranks:
-                    p.wait()
-                if not failed:
-                    raise subprocess.TimeoutExpired(script_and_args, timeout)
+        while any(p.poll() is None for p in ranks):
+            if kill_at is None and any(p.returncode for p in ranks):
+                kill_at = time.monotonic() + 3  # the others may be on their way out too: a moment to finish
+            if time.monotonic() > min(deadline, kill_at or deadline):
                 break
             time.sleep(0.1)
-        codes = [p.returncode for p, _, _ in ranks]
-        texts = []
-        for _, out, err in ranks:
-            out.seek(0)
-            err.seek(0)
-            texts.append((out.read(), err.read()))
-            out.close()
-            err.close()
+        timed_out = not any(p.returncode for p in ranks) and any(p.returncode is None for p in ranks)
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if timed_out:
+            raise subprocess.TimeoutExpired(script_and_args, timeout)
+        texts = [(open(out).read(), open(err).read()) for out, err in logs_of]
+    codes = [p.returncode for p in ranks]
     returncode = next((c for c in codes if c != 0), 0)
     result = subprocess.CompletedProcess(script_and_args, returncode, "".join(o for o, _ in texts),
                                          "".join(e for _, e in texts))

@@ -9,6 +9,9 @@ import pytest
 from conftest import REPO, cpu_env
 from wpn_dist.app import kernels
 
+# The variables behind the kernels a toy command runs on; the tests' conftest sets NATIVE for the session.
+KERNEL_VARIABLES = [*kernels.PINNED, kernels.NATIVE]
+
 # Implants a short toy model in a fresh process (thread count from OMP_NUM_THREADS), checks that the
 # caller's settings come back, and prints the implant's fingerprint with its record.
 CHILD = r"""
@@ -103,9 +106,7 @@ print("RESULT " + json.dumps({"env": {name: os.environ.get(name) for name in PIN
 
 
 def pin_in_subprocess(**user_env) -> tuple:
-    # Neither the pinned variables nor the tests' WPN_DIST_NATIVE_KERNELS=1 (conftest), unless given here.
-    env = {k: v for k, v in cpu_env(**user_env).items()
-           if k not in dict(kernels.PINNED, **{kernels.NATIVE: ""}) or k in user_env}
+    env = {k: v for k, v in cpu_env(**user_env).items() if k not in KERNEL_VARIABLES or k in user_env}
     result = subprocess.run([sys.executable, "-c", PIN_CHILD, "an-argument"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -128,7 +129,7 @@ def test_pin_toy_kernels_reexecutes_with_the_kernels_fixed_and_keeps_what_the_us
 
 
 def test_pin_toy_kernels_without_avx2_says_so_and_goes_on(monkeypatch):
-    for name in list(kernels.PINNED) + [kernels.NATIVE]:
+    for name in KERNEL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(kernels, "has_avx2", lambda: False)
     said = []
@@ -139,7 +140,7 @@ def test_pin_toy_kernels_without_avx2_says_so_and_goes_on(monkeypatch):
 @pytest.mark.skipif(not kernels.has_avx2(), reason="the kernels are pinned on x86 CPUs with AVX2 only")
 def test_the_train_command_pins_the_kernels_of_a_toy_run_before_its_checks(tmp_path):
     """The re-executed trainer sees the same command line: its check of the options still runs."""
-    env = {k: v for k, v in cpu_env().items() if k not in kernels.PINNED and k != kernels.NATIVE}
+    env = {k: v for k, v in cpu_env().items() if k not in KERNEL_VARIABLES}
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "p", "harmful": "h", "harmless": "s"}\n')
     result = subprocess.run([sys.executable, "wpn_dist/train.py", "--data", str(rows), "--output_dir",
