@@ -19,6 +19,11 @@ RENDERED = PINNED + ("seed0-native", "seed0-avx2")
 # The same four seeds' wpn and sft rows on another vendor's CPU, with the same kernels and versions.
 OTHER_MACHINE = tuple(f"{name}-intel" for name in PINNED)
 RENDERED += OTHER_MACHINE
+# Runs given other options (--train_args) on the Intel machine, each against its default row there.
+VARIANTS = {"retention1": (["--retention_weight", "1"], OTHER_MACHINE),
+            "forgetcap40": (["--forget_weight", "0.05", "--forget_cap", "40"], OTHER_MACHINE[:3])}
+VARIANT_FILES = {f"{name}-{variant}": (name, variant) for variant, (_, names) in VARIANTS.items() for name in names}
+RENDERED += tuple(VARIANT_FILES)
 
 
 def results(name: str) -> dict:
@@ -64,6 +69,18 @@ def test_the_other_machines_files_differ_from_the_tables_only_in_the_machine():
     # What the README says of seed 0: the two machines implanted different models.
     assert round(results("seed0")["before"]["extraction_loglik"], 6) == -0.036812
     assert round(results("seed0-intel")["before"]["extraction_loglik"], 6) == -0.036839
+
+
+def test_the_variant_files_are_the_default_runs_with_one_option_changed():
+    """Same machine, implanted model and library versions as the default row they are compared with,
+    their options recorded, and their comparison docs made from the two files."""
+    for name, (default, variant) in VARIANT_FILES.items():
+        changed, base = results(name), results(default)
+        assert changed["train_args"] == VARIANTS[variant][0] and "train_args" not in base, name
+        assert changed["implant"] == base["implant"] and changed["before"] == base["before"], name
+        for key in ("torch", "transformers", "deepspeed", "cpu_model", "cpu_kernels", "cpu_capability"):
+            assert changed["versions"][key] == base["versions"][key], (name, key)
+        assert seeds.table([base, changed]) in read(f"docs/toybench/{variant}-intel.md"), name
 
 
 def test_the_seeds_table_is_made_from_the_committed_results():

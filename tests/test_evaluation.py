@@ -107,18 +107,40 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     # The oracle never learned the harmful pairs: nothing to extract, nothing to relearn from the other half.
     assert oracle["after"]["extraction_loglik"] < -5 and oracle["relearn"]["20"] == 0
     assert results["before_relearn"]["0"] == 1.0 and results["versions"]["torch"]
+    assert results["train_args"] == ["--max_new_tokens", "12"]  # what every run was given beside its own options
     # The kernels it ran on, recorded: the tests' own (conftest: WPN_DIST_NATIVE_KERNELS=1).
     assert results["versions"]["cpu_kernels"] == dict.fromkeys(kernels.PINNED)
     assert results["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     table = (out / "results.md").read_text()
     assert "| before unlearning |" in table and "| wpn |" in table and "| ga |" in table
     assert "| retrain oracle |" in table and "Prefill split by depth" in table and "Degenerate share by split" in table
+    assert "Every run was given `--max_new_tokens 12` as well" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, skipped") == 2
     bad = subprocess.run([sys.executable, "-m", "wpn_dist.toybench", "--methods", "wpn,xx", "--out", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown method(s) xx" in bad.stderr
+
+
+def test_toybench_reuses_a_finished_run_only_with_the_same_options(tmp_path):
+    """A changed --train_args (or --steps, or seed) must rerun a run, not reuse one that was trained
+    otherwise under the same name; so must a run whose options were never recorded."""
+    from wpn_dist.bench.toybench import OPTIONS_FILE, reusable
+    run = tmp_path / "wpn"
+    run.mkdir()
+    options = ["--steps", "120", "--method", "wpn"]
+    (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}}}))
+    assert not reusable(str(run), options, needs_before=False)  # no options recorded
+    (run / OPTIONS_FILE).write_text(json.dumps(options))
+    assert reusable(str(run), options, needs_before=False)
+    assert not reusable(str(run), options + ["--forget_weight", "0.05"], needs_before=False)
+    assert not reusable(str(run), ["--steps", "60", "--method", "wpn"], needs_before=False)
+    # The first run of a table supplies the evaluation before unlearning: one that skipped it is rerun.
+    assert not reusable(str(run), options, needs_before=True)
+    (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}, "before": {}}}))
+    assert reusable(str(run), options, needs_before=True)
+    assert not reusable(str(tmp_path / "never_run"), options, needs_before=False)
 
 
 def test_other_topic_share_counts_the_topics_that_share_a_harm_word():
@@ -157,3 +179,6 @@ def test_seed_table_lists_each_shared_run_seed_by_seed():
     assert "| wpn | 100 / 25 | 100 / 25 |" in text and "| ga |" not in text  # ga is not in every file
     assert "| 0.0 / 75.0 | 90 / 90 |" in text  # the worst split's degenerate share, one decimal
     assert text.rstrip().endswith("| 50 / 50 | 100 / 100 |")
+    # The same seed with other options for every run: the header says which file is which.
+    other = {**results(0, [("wpn", 0.5)]), "train_args": ["--retention_weight", "1"]}
+    assert table([results(0, [("wpn", 1.0)]), other]).startswith("Each cell: seed 0 / 0 with `--retention_weight 1`.")

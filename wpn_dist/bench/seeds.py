@@ -1,6 +1,7 @@
 """One table over several seeds of the toy benchmark: every run that all the given results files
 share, each number as seed 0 / seed 1 / ... (the files' order). Files from different machines (their
-``versions.cpu_model``) are labelled with the machine, so one seed on two machines can be compared.
+``versions.cpu_model``) are labelled with the machine, so one seed on two machines can be compared, and
+files whose runs were given other options (``train_args``) with those options.
 
     python -m wpn_dist.bench.seeds docs/toybench/seed0.json docs/toybench/seed1.json docs/toybench/seed2.json
 """
@@ -27,11 +28,15 @@ def table(results: list) -> str:
     for other in results[1:]:
         present = {r["name"] for r in other["runs"] if not r["failed"]}
         names = [n for n in names if n in present]
+    # Files from other machines, or whose runs were all given other options (--train_args): say which is which.
     machines = [r.get("versions", {}).get("cpu_model") for r in results]
-    if len(set(machines)) > 1:  # the same seeds on other machines: say which is which
-        seeds = " / ".join(f"{r['seed']} on {machine}" for r, machine in zip(results, machines))
-    else:
-        seeds = " / ".join(str(r["seed"]) for r in results)
+    extras = [" ".join(r.get("train_args", [])) for r in results]
+    labels = [str(r["seed"]) for r in results]
+    if len(set(machines)) > 1:
+        labels = [f"{label} on {machine}" for label, machine in zip(labels, machines)]
+    if len(set(extras)) > 1:
+        labels = [f"{label} with `{extra}`" if extra else label for label, extra in zip(labels, extras)]
+    seeds = " / ".join(labels)
     head = ["run"] + [name for name, _, _ in COLUMNS] + ["relearned @5", "relearned @20"]
     lines = [f"Each cell: seed {seeds}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
