@@ -6,7 +6,7 @@ tiny-opt (default) or tiny-gpt-neo, BATCH_LAYOUT packed (default) or padded."""
 import sys
 
 import torch
-from deepspeed.utils import safe_get_full_grad
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_grad, safe_set_local_grad
 
 from wpn_dist.app import distributed, engine, models
 from wpn_dist.app.config import TrainArguments
@@ -45,7 +45,9 @@ examples = read_jsonl("tests/data/tiny.jsonl")
 encoded, _, _ = encode_examples(examples, tokenizer, "Q: {prompt} A:", 128)
 train = TrainArguments(micro_batch_size=len(plan[0][0]), gradient_accumulation_steps=len(plan), steps=2,
                        ds_config="zero3")
-ds_config = engine.build_ds_config(train, 1e-3, distributed.world_size())
+# lr 0: the step that closes each method's accumulation window leaves the weights as they are (the
+# gradients are zeroed below), so one engine serves every method, each gradient taken at the same weights.
+ds_config = engine.build_ds_config(train, 0.0, distributed.world_size())
 
 
 def make_model(seed: int = 0):
@@ -59,17 +61,23 @@ def make_model(seed: int = 0):
     return AutoModelForCausalLM.from_config(config)
 
 
+def full_weights(eng) -> dict:
+    """Every parameter in full (collective under ZeRO-3: every rank, same order)."""
+    return {pname: safe_get_full_fp32_param(param).detach().clone() for pname, param in eng.module.named_parameters()}
+
+
 reference_model = make_model(seed=1)  # a frozen model other than the trained one: every term has a gradient
 packed_attention.install(reference_model)
 reference = engine.initialize_reference(reference_model, ds_config)
+model = make_model()
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.config.use_cache = False
+packed_attention.install(model)
+eng, _, _ = engine.initialize(model, ds_config)
+eng.train()
+initial = full_weights(eng)
 results = {}
 for name, method in METHODS.items():
-    model = make_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    packed_attention.install(model)
-    eng, _, _ = engine.initialize(model, ds_config)
-    eng.train()
     maker = BatchMaker(encoded, examples, tokenizer, "Q: {prompt} A:", 128, method.row_groups(), NORMAL, seed=0,
                        layout=batch_layout, **method.batch_options())
     batches = maker.step_batches(plan, step=1, rank=distributed.rank())
@@ -86,7 +94,13 @@ for name, method in METHODS.items():
     for pname, param in eng.module.named_parameters():  # collective under ZeRO-3: every rank, same order
         grads[pname] = safe_get_full_grad(param).detach().clone().float()
     results[name] = {"loss": distributed.all_reduce_mean(loss), "grads": grads}
-    eng.destroy()
+    eng.step()  # closes the window: at lr 0 the weights stay
+    # ZeRO-3 keeps a gradient partition that a backward does not write (RMU's loss never reaches the
+    # layers above its own): zero them all, as a new engine has them.
+    for param in eng.module.parameters():
+        safe_set_local_grad(param, torch.zeros_like(safe_get_local_grad(param)))
+final = full_weights(eng)
+assert all(torch.equal(initial[k], final[k]) for k in initial), "the weights moved between methods"
 if distributed.is_main():
     torch.save(results, out_path)
 distributed.shutdown()
