@@ -83,6 +83,15 @@ def test_the_variant_files_are_the_default_runs_with_one_option_changed():
         assert seeds.table([base, changed]) in read(f"docs/toybench/{variant}-intel.md"), name
 
 
+def test_a_fresh_implant_is_the_model_the_committed_tables_start_from(tmp_path):
+    """Seed 0 implanted afresh on the toy world's fixed kernels (the full implant, on whatever CPU runs
+    the tests) is the model seed0.json's runs unlearned: the same last loss and weights."""
+    from test_toy_determinism import implant_in_subprocess
+    from wpn_dist.app.toy_world import ImplantConfig
+    made = implant_in_subprocess(1, str(tmp_path / "cache"), steps=ImplantConfig().steps, pinned=True)
+    assert made["fingerprint"] == results("seed0")["implant"]
+
+
 def test_the_seeds_table_is_made_from_the_committed_results():
     assert seeds.table([results(s) for s in SEEDS]) in read("docs/toybench/seeds.md")
 

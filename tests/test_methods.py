@@ -239,7 +239,8 @@ def test_sft_is_the_positive_lm_and_retain_terms_without_npair(setup):
 
 def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup):
     tokenizer, model, examples, encoded = setup
-    method = build_method("wpn", method_class("wpn").Options(recovery_cuts=2, positive_lm_weight=0.0))
+    options = method_class("wpn").Options(recovery_cuts=2, positive_lm_weight=0.0, recovery_weight=1.0)
+    method = build_method("wpn", options)
     batch = make_batch(setup, method)
     assert len(batch["recovery_rows"]) == 3 * 2 and batch["recovery_example"].tolist() == [0, 0, 1, 1, 2, 2]
     cuts = batch["layout"].prompt_lengths[batch["recovery_rows"]].tolist()  # a recovery row's prompt ends at its cut

@@ -1,6 +1,9 @@
 """The toy implant is bit-identical whatever the torch thread count; toy commands run on fixed CPU
 kernels (wpn_dist/app/kernels.py); results record library versions and kernels."""
 import json
+import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +24,7 @@ from wpn_dist.app import toy_world as toy
 threads = torch.get_num_threads()
 assert threads == int(os.environ["OMP_NUM_THREADS"]), threads
 world = toy.make_world(toy.ToyWorldConfig(seed=0))
-cfg = toy.ImplantConfig(steps=30)
+cfg = toy.ImplantConfig(steps=int(os.environ.get("IMPLANT_STEPS", "30")))
 out = toy.implant(world, cfg, toy.implant_dir(world.config, cfg), log=lambda message: None)
 assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
 with open(os.path.join(out, "implant.json")) as f:
@@ -31,9 +34,12 @@ print("RESULT " + json.dumps({"threads": threads, "fingerprint": toy.implant_fin
 """
 
 
-def implant_in_subprocess(threads: int, cache: str) -> dict:
-    env = cpu_env(WPN_DIST_CACHE=cache)
+def implant_in_subprocess(threads: int, cache: str, steps: int = 30, pinned: bool = False) -> dict:
+    """CHILD's implant of ``steps`` steps, on this machine's own kernels or (``pinned``) the toy world's."""
+    env = cpu_env(WPN_DIST_CACHE=cache, IMPLANT_STEPS=str(steps), **(kernels.PINNED if pinned else {}))
     env["OMP_NUM_THREADS"] = str(threads)
+    if pinned:
+        env.pop(kernels.NATIVE, None)
     result = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -160,3 +166,51 @@ def test_an_implant_made_with_other_kernels_is_another_cache_entry(monkeypatch):
     assert toy.implant_dir(world_cfg, implant_cfg) != pinned
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     assert toy.implant_dir(world_cfg, implant_cfg) == pinned
+
+
+# The same short implant as CHILD, on the toy world's pinned kernels, twice: with the toy world's
+# optimizer (torch's fused AdamW) and, as the control, with torch's unfused AdamW; prints both fingerprints.
+VENDOR_CHILD = r"""
+import json
+import torch
+from wpn_dist.app import toy_world as toy
+world = toy.make_world(toy.ToyWorldConfig(seed=0))
+fingerprints = {}
+for name in ("fused", "unfused"):
+    if name == "unfused":
+        class Unfused(torch.optim.AdamW):
+            def __init__(self, *args, fused=None, **kwargs):
+                super().__init__(*args, foreach=False, **kwargs)
+        torch.optim.AdamW = Unfused
+    cfg = toy.ImplantConfig(steps=3)
+    out = toy.implant(world, cfg, toy.implant_dir(world.config, cfg) + "-" + name, log=lambda message: None)
+    fingerprints[name] = toy.implant_fingerprint(out)
+print("RESULT " + json.dumps(fingerprints))
+"""
+QEMU = shutil.which("qemu-x86_64")
+EMULATED_CPU = "Haswell-v4"  # an Intel CPU with AVX2 and FMA, as qemu emulates it
+
+
+def vendor_implants(tmp_path, cpu=None) -> dict:
+    """The fingerprints of VENDOR_CHILD's implants, on this CPU or on qemu's emulation of ``cpu``."""
+    env = cpu_env(WPN_DIST_CACHE=str(tmp_path / f"cache-{cpu}"), **kernels.PINNED)
+    env.pop(kernels.NATIVE, None)
+    python = os.path.realpath(sys.executable)  # qemu runs a binary, not a shim script
+    command = ([QEMU, "-cpu", cpu] if cpu else []) + [python, "-c", VENDOR_CHILD]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.skipif(QEMU is None or platform.machine() != "x86_64" or not kernels.has_avx2(),
+                    reason="needs qemu-x86_64 (Debian's qemu-user; .ci/run installs it) on an x86 CPU with AVX2")
+def test_implant_is_the_same_on_an_emulated_intel_cpu(tmp_path):
+    """The toy implant on the pinned kernels gives the same weights on this CPU and on an Intel CPU that
+    qemu emulates (CPUID tells MKL and torch which CPU they run on; qemu computes every instruction by
+    its definition). The control shows that the check can tell: torch's unfused AdamW takes its square
+    root from MKL's vector maths, whose last bit depends on the CPU (wpn_dist/app/kernels.py), and its
+    implant differs between this CPU and the emulated one."""
+    here, emulated = vendor_implants(tmp_path), vendor_implants(tmp_path, EMULATED_CPU)
+    assert emulated["fused"] == here["fused"]
+    assert emulated["unfused"] != here["unfused"]

@@ -59,7 +59,7 @@ def test_packed_and_padded_training_runs_log_the_same_losses(tmp_path):
         run = tmp_path / layout
         run_ranks(["wpn_dist/train.py", "--model", "tiny-opt", "--model_init", "random",
                        "--data", os.path.join(DATA, "tiny.jsonl"), "--steps", "4", "--micro_batch_size", "2",
-                       "--log_every", "1", "--lr", "1e-3", "--activation_checkpointing", "--retain_weight", "1",
+                       "--log_every", "1", "--lr", "1e-3", "--activation_checkpointing", "--retain_weight", "1", "--recovery_weight", "1",
                        "--normal_data", str(normal), "--batch_layout", layout,
                        "--export_hf", "false", "--output_dir", str(run)])
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

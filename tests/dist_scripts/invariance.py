@@ -24,13 +24,13 @@ METHODS = {name: build_method(name) for name in method_names()}
 METHODS["wpn"] = build_method("wpn", WPN(positive_lm_weight=1.0, retain_weight=1.0, temperature=0.5))
 METHODS["wpn-local-negatives"] = build_method("wpn", WPN(global_negatives=False, positive_lm_weight=0.5,
                                                          retain_weight=1.0, retain_loss="kl"))
-METHODS["wpn-recovery"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, positive_lm_weight=1.0,
-                                                  retain_weight=1.0))
+METHODS["wpn-recovery"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, recovery_weight=1.0,
+                                                  positive_lm_weight=1.0, retain_weight=1.0))
 # WPN's regulariser and a frozen side, on random recovery depths and with prompt noise (both drawn per
 # example and step: the same whatever the split).
-METHODS["wpn-retention"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, retention_weight=1.0,
-                                                   frozen_side="anchor", positive_lm_weight=1.0, retain_weight=0.0,
-                                                   prompt_noise=0.4))
+METHODS["wpn-retention"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, recovery_weight=1.0,
+                                                   retention_weight=1.0, frozen_side="anchor", positive_lm_weight=1.0,
+                                                   retain_weight=0.0, prompt_noise=0.4))
 METHODS["rr"].progress = 0.5  # half-way through its schedule: both terms weigh
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

@@ -59,7 +59,9 @@ def build_ds_config(train, lr: float, world_size: int) -> dict:
     _fill(config, values)
     if distributed.on_cpu():
         # No JIT-compiled optimizers on CPU: DeepSpeed's FusedAdam/CPUAdam builds take minutes there.
-        config.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = True
+        # torch's fused AdamW, because its square root is the exact instruction: the unfused one's goes
+        # through MKL's vector maths, whose last bit depends on the CPU's vendor (wpn_dist/app/kernels.py).
+        config.setdefault("optimizer", {}).setdefault("params", {}).update(torch_adam=True, fused=True)
         config["zero_force_ds_cpu_optimizer"] = False
     return config
 

@@ -11,15 +11,18 @@ fix the kernels to what every x86 CPU of the last decade has:
   CPUs (its AVX2 branch is fixed on Intel CPUs only; elsewhere MKL falls back to its own choice);
 - ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's instruction set.
 
-What this buys, measured: on one machine, the same numbers whatever the instruction set torch, MKL and
-oneDNN would have picked there. What it does not buy: the same numbers on an Intel and an AMD CPU. With
-these three set and the same library versions, an Intel Xeon and an AMD EPYC implant different seed-0
-models (the harmful responses' log-likelihood before unlearning -0.036839 against -0.036812 per
-token), and their WPN rows differ too (docs/toybench/seed*-intel.md against seed*.md). MKL's
-``COMPATIBLE,STRICT``, ``AVX``, ``AVX2`` and ``SSE4_2`` branches on the Intel machine do not give the
-AMD model either, so the difference lies outside the choices fixed here. Results record the machine,
-the kernels and the implanted model's fingerprint (``toy_world.implant_fingerprint``), so two tables
-can be told apart by where they came from.
+What the pinning does not fix by itself: the square root torch takes on float32 (``torch.sqrt``,
+from MKL's vector maths) is not correctly rounded (about one in six results is one unit off in the last
+place) and its last bit depends on the CPU: it differs between an AMD EPYC and an Intel CPU that qemu
+emulates (an approximate reciprocal-square-root instruction, which each vendor implements its own way,
+would explain it). torch's unfused AdamW takes that square root, and with it an Intel Xeon and an AMD
+EPYC machine implanted different toy models. The toy world's optimizers are therefore torch's fused
+AdamW, whose square root is the exact instruction: the implant, the relearning attack, and every CPU
+run through ``wpn_dist/app/engine.py``. Checked against qemu's emulated Intel CPU, which computes every
+instruction by its definition (tests/test_toy_determinism.py): the implant and a WPN run give
+bit-identical weights there and here; with the unfused optimizer they do not. Results record the
+machine, the kernels and the implanted model's fingerprint (``toy_world.implant_fingerprint``), so two
+tables can be told apart by where they came from.
 
 The libraries read these when they first compute, so they must be in the environment before that.
 ``pin_toy_kernels`` re-executes the process with them set; the launched ranks inherit them. A variable

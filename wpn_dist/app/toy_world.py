@@ -296,11 +296,12 @@ def cache_root() -> str:
 
 
 def implant_dir(world_cfg: ToyWorldConfig, implant_cfg: ImplantConfig) -> str:
-    # version 3: the implant is deterministic (one thread, deterministic algorithms); 2 and older
-    # depended on the thread count, so they are not reused. The CPU kernels round differently
+    # version 4: the optimizer is torch's fused AdamW, whose square root does not depend on the CPU's
+    # vendor (wpn_dist/app/kernels.py); 3 was made with the unfused one, 2 and older depended on the
+    # thread count, so none of them is reused. The CPU kernels round differently
     # (wpn_dist/app/kernels.py), so an implant made with other kernels is another entry.
     kernels = dict(kernel_settings(), capability=torch.backends.cpu.get_cpu_capability())
-    key = json.dumps({"world": asdict(world_cfg), "implant": asdict(implant_cfg), "version": 3, "kernels": kernels},
+    key = json.dumps({"world": asdict(world_cfg), "implant": asdict(implant_cfg), "version": 4, "kernels": kernels},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return os.path.join(cache_root(), "toy", digest)
@@ -366,7 +367,7 @@ def _implant(world: ToyWorld, cfg: ImplantConfig, out_dir: str, log) -> str:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config)
     encoded = [encode_pair(tokenizer, PROMPT_FORMAT.format(prompt=p), r, max_length=TOY_CONTEXT) for p, r in world.implant_pairs(cfg.include_harmful)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     rng = random.Random(cfg.seed)
     started = time.time()

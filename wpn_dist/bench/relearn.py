@@ -60,7 +60,7 @@ def relearning_attack(model_dir: str, world, steps: tuple = (5, 20), lr: float =
         attack, targets = split_topics(world)
         pairs = [encode_pair(tokenizer, PROMPT_FORMAT.format(prompt=world.harmful_prompt(i, t)), r, 64)
                  for i, t in world.train_pairs if t in attack for r in world.harmful_responses(t)]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)  # kernels.py: exact sqrt
         rng = random.Random(seed)
         out = {"steps": {0: recovered_share(model, tokenizer, world, targets)}, "attack_loss": {}}
         for step in range(1, max(steps) + 1):

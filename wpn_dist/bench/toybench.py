@@ -44,10 +44,11 @@ def with_values(args: list, **values) -> list:
 NO_NORMAL_DATA = ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0"]
 ABLATION = {
     "wpn": [],
-    "wpn npair=0": ["--npair_weight", "0", "--recovery_weight", "0"],  # every other term: what N-pair adds
+    "wpn npair=0": ["--npair_weight", "0"],  # every other term: what the N-pair term adds
     "wpn recovery_cuts=0": ["--recovery_cuts", "0"],
     "wpn recovery_depths=even": ["--recovery_depths", "even"],
     "wpn recovery_lm=0": ["--recovery_lm_weight", "0"],
+    "wpn recovery_npair=1": ["--recovery_weight", "1"],  # the recovery cuts' N-pair term too
     "wpn retention=0": ["--retention_weight", "0"],
     "wpn retention=1": ["--retention_weight", "1"],
     "wpn prompt_noise=0": ["--prompt_noise", "0"],
@@ -58,6 +59,7 @@ ABLATION = {
     "wpn retain=0": ["--retain_weight", "0"],
     "wpn forget=0.05": ["--forget_weight", "0.05"],  # capped gradient ascent: against the relearning attack
     "wpn forget=0.05 retention=8": ["--forget_weight", "0.05", "--retention_weight", "8"],  # more retention against its QA cost
+    "wpn forget=0.05 forget_cap=40": ["--forget_weight", "0.05", "--forget_cap", "40"],  # a deeper ascent
     "wpn retention=8": ["--retention_weight", "8"],
     # The defaults for data without normal data, and what the recovery cuts do there.
     "wpn no normal data": NO_NORMAL_DATA,
