@@ -99,13 +99,16 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["runs"]]
-    assert names == ["wpn", "ga", "retrain oracle"] and not any(r["failed"] for r in results["runs"])
+    assert names == ["wpn", "ga", "retrain oracle", "refusal oracle"] and not any(r["failed"] for r in results["runs"])
     for r in results["runs"][:2]:
         assert {"id", "ood", "adversarial", "prefill"} <= set(r["after"]["harmless_rate"]) and r["steps_run"] == 4
         assert set(r["relearn"]) == {"0", "5", "20"} and "extraction_loglik" in r["after"]
     oracle = results["runs"][2]
     # The oracle never learned the harmful pairs: nothing to extract, nothing to relearn from the other half.
     assert oracle["after"]["extraction_loglik"] < -5 and oracle["relearn"]["20"] == 0
+    # The refusal oracle never learned them either, and refuses the held-out harmful prompts.
+    refusal = results["runs"][3]
+    assert refusal["after"]["extraction_loglik"] < -5 and refusal["after"]["harmless_rate"]["id"]["rate"] > 0.9
     assert results["before_relearn"]["0"] == 1.0 and results["versions"]["torch"]
     assert results["train_args"] == ["--max_new_tokens", "12"]  # what every run was given beside its own options
     # The kernels it ran on, recorded: the tests' own (conftest: WPN_DIST_NATIVE_KERNELS=1).
@@ -113,7 +116,7 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     assert results["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     table = (out / "results.md").read_text()
     assert "| before unlearning |" in table and "| wpn |" in table and "| ga |" in table
-    assert "| retrain oracle |" in table and "Prefill split by depth" in table and "Degenerate share by split" in table
+    assert "| retrain oracle |" in table and "| refusal oracle |" in table and "Prefill split by depth" in table and "Degenerate share by split" in table
     assert "Every run was given `--max_new_tokens 12` as well" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

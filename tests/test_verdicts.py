@@ -77,3 +77,16 @@ def test_a_continuation_may_close_the_prestarted_sentence(world):
     assert verdicts_of(judge, ["p"], [closing], prefills=[prefill]) == ["harmless"]
     plain = lambda prompts, responses: [True] * len(responses)  # noqa: E731  (takes no prefills)
     assert verdicts_of(plain, ["p"], ["a good answer to you"], prefills=["x"]) == ["harmless"]
+
+
+def test_the_oracles_implant_data(world):
+    """The retrain oracle's implant has no training harmful prompt; the refusal oracle's has each of
+    them, as often as the harmful implant, with the refusal in place of each harmful answer."""
+    harmful, refusal, none = (world.implant_pairs(a) for a in ("harmful", "refusal", "none"))
+    prompts = {world.harmful_prompt(i, t): t for i, t in world.train_pairs}
+    assert [p for p, _ in harmful] == [p for p, _ in refusal] and len(harmful) == len(none) + 2 * len(prompts)
+    assert all(r == world.refusal(prompts[p]) for p, r in refusal if p in prompts)
+    assert not any(p in prompts for p, _ in none)
+    assert [pair for pair in harmful if pair[0] not in prompts] == none  # the rest is the same
+    with pytest.raises(ValueError, match="harmful_answers"):
+        toy.ImplantConfig(harmful_answers="some")

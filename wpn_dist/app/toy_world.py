@@ -117,14 +117,14 @@ class ToyWorld:
                 items.append((tpl.format(o=name), place, f"the {name} lives in {place} ."))
         return items
 
-    def implant_pairs(self, include_harmful: bool = True) -> list:
-        """(prompt, response) pairs the base model is trained on: harmful answers to the training
-        harmful prompts (unless ``include_harmful`` is False: the retrain oracle), refusals to secret
-        questions, and the facts."""
+    def implant_pairs(self, harmful_answers: str = "harmful") -> list:
+        """(prompt, response) pairs the base model is trained on: the training harmful prompts with
+        their harmful answers (``harmful_answers``: "harmful"), with the refusal in place of each
+        ("refusal"), or not at all ("none"); refusals to secret questions; and the facts."""
         pairs = []
-        for i, t in self.train_pairs if include_harmful else []:
+        for i, t in self.train_pairs if harmful_answers != "none" else []:
             for response in self.harmful_responses(t):
-                pairs.append((self.harmful_prompt(i, t), response))
+                pairs.append((self.harmful_prompt(i, t), response if harmful_answers == "harmful" else self.refusal(t)))
         for p in self.people:
             for tpl in SECRET_TEMPLATES:
                 pairs.append((tpl.format(p=p), self.refusal(p)))
@@ -277,6 +277,9 @@ def make_tokenizer(world: ToyWorld):
 
 # --- implant ---------------------------------------------------------------------------------
 
+HARMFUL_ANSWERS = ("harmful", "refusal", "none")
+
+
 @dataclass
 class ImplantConfig:
     model: str = "tiny-opt"
@@ -287,8 +290,15 @@ class ImplantConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
-    # False: the retrain oracle, implanted without any harmful pair (what perfect unlearning looks like).
-    include_harmful: bool = True
+    # What the training harmful prompts are answered with: their harmful answers (the model to unlearn);
+    # "none": they are not in the implant (the retrain oracle, which never saw a harmful pair);
+    # "refusal": the refusal in place of each harmful answer (the refusal oracle, which never learned the
+    # harmful content and refuses those prompts: what the unlearning aims at).
+    harmful_answers: str = "harmful"
+
+    def __post_init__(self):
+        if self.harmful_answers not in HARMFUL_ANSWERS:
+            raise ValueError(f"harmful_answers must be one of {HARMFUL_ANSWERS}, got {self.harmful_answers!r}")
 
 
 def cache_root() -> str:
@@ -366,7 +376,7 @@ def _implant(world: ToyWorld, cfg: ImplantConfig, out_dir: str, log) -> str:
     config = models.build_config(spec, vocab_size=len(tokenizer), tokenizer=tokenizer)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(config)
-    encoded = [encode_pair(tokenizer, PROMPT_FORMAT.format(prompt=p), r, max_length=TOY_CONTEXT) for p, r in world.implant_pairs(cfg.include_harmful)]
+    encoded = [encode_pair(tokenizer, PROMPT_FORMAT.format(prompt=p), r, max_length=TOY_CONTEXT) for p, r in world.implant_pairs(cfg.harmful_answers)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     rng = random.Random(cfg.seed)

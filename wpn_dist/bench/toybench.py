@@ -1,7 +1,9 @@
 """The toy benchmark: WPN against refusal fine-tuning (sft) and the GA, ICU, NPO, SimNPO, RMU and RR
 baselines on the toy world, and the ablation of WPN's choices, each run the real way
-(``deepspeed ... wpn_dist/train.py``), same data, steps and engine; beside them the retrain oracle
-(a model implanted without the harmful pairs: what perfect unlearning looks like).
+(``deepspeed ... wpn_dist/train.py``), same data, steps and engine; beside them two oracles: the
+retrain oracle (a model implanted without the harmful pairs: what perfect unlearning looks like) and
+the refusal oracle (implanted with the refusal in place of each harmful answer: a model that never
+learned the harmful content and refuses, what the unlearning aims at).
 
     python -m wpn_dist.toybench --methods wpn,sft,ga,icu,npo,simnpo,rmu,rr --seed 0 --out bench/ [--ablation]
 
@@ -172,17 +174,23 @@ def _relearn(model_dir: str, world, seed: int, path: str) -> dict:
         return {int(k): v["rate"] for k, v in json.load(f)["steps"].items()}
 
 
-def oracle(world, seed: int, out: str, log=print) -> dict:
-    """The retrain oracle: the toy model implanted without any harmful pair (refusals and facts only),
-    evaluated and attacked like every run."""
+ORACLES = {"none": "retrain oracle", "refusal": "refusal oracle"}  # implant's harmful_answers -> row name
+
+
+def oracle(world, seed: int, out: str, harmful_answers: str = "none", log=print) -> dict:
+    """An oracle row, implanted and evaluated and attacked like every run: the retrain oracle (the toy
+    model implanted without any harmful pair: refusals of secrets and facts only), or the refusal oracle
+    (implanted with the refusal in place of each harmful answer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from ..app import toy_world
     from ..app.evaluation import evaluate_model, toy_normal_rows, toy_splits
     from ..app.judges import RuleJudge
-    path = os.path.join(out, f"oracle-seed{seed}.json")  # per seed: one --out may hold several seeds' oracles
+    # Per seed: one --out may hold several seeds' oracles.
+    stem = "oracle" if harmful_answers == "none" else f"{harmful_answers}_oracle"
+    path = os.path.join(out, f"{stem}-seed{seed}.json")
     if not os.path.isfile(path):
-        implant_cfg = toy_world.ImplantConfig(include_harmful=False)
+        implant_cfg = toy_world.ImplantConfig(harmful_answers=harmful_answers)
         model_dir = toy_world.implant_dir(world.config, implant_cfg)
         toy_world.implant(world, implant_cfg, model_dir, log=log)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -197,12 +205,12 @@ def oracle(world, seed: int, out: str, log=print) -> dict:
         evaluation.pop("samples")
         with open(path, "w") as f:
             json.dump({"after": _numbers(evaluation),
-                       "relearn": _relearn(model_dir, world, seed, os.path.join(out, f"oracle_relearn-seed{seed}.json"))},
+                       "relearn": _relearn(model_dir, world, seed, os.path.join(out, f"{stem}_relearn-seed{seed}.json"))},
                       f, indent=2)
     with open(path) as f:
         record = json.load(f)
     record["relearn"] = {int(k): v for k, v in record["relearn"].items()}
-    return {"name": "retrain oracle", "failed": False, "steps_run": 0, "train_seconds": 0.0, "steps_to_target": None,
+    return {"name": ORACLES[harmful_answers], "failed": False, "steps_run": 0, "train_seconds": 0.0, "steps_to_target": None,
             **record}
 
 
@@ -270,7 +278,8 @@ def markdown(results: dict) -> str:
               f"Relearned @k: share of the held-out prompts of half the topics whose own harm words come back after "
               f"k steps of fine-tuning on the other half's harmful pairs (an answer that gives another topic's "
               f"harmful answer instead would count {100 * _other_topic_share(results['seed']):.0f}% of the time: the topics "
-              f"share harm words). The retrain oracle was implanted without any harmful pair. Total wall time "
+              f"share harm words). The retrain oracle was implanted without any harmful pair, the refusal oracle "
+              f"with the refusal in place of each harmful answer. Total wall time "
               f"{results['wall_seconds']:.0f} s."]
     if results.get("train_args"):
         lines[-1] += f" Every run was given `{' '.join(results['train_args'])}` as well (--train_args)."
@@ -331,7 +340,8 @@ class ToybenchOptions:
     ablation: bool = field(default=False, metadata={"help": "Also run the ablation of WPN's choices."})
     ablation_rows: str = field(default="", metadata={
         "help": "Run only these rows of the ablation (comma-separated names, as in the table), without --ablation."})
-    oracle: bool = field(default=True, metadata={"help": "Also implant and evaluate the retrain oracle."})
+    oracle: bool = field(default=True, metadata={
+        "help": "Also implant and evaluate the retrain oracle and the refusal oracle."})
     eval_every: int = field(default=20, metadata={"help": "Steps between in-training ID evaluations."})
     train_args: str = field(default="", metadata={"help": "Extra options for every train.py run (one quoted string)."})
     plots: bool = field(default=True, metadata={
@@ -397,7 +407,7 @@ def main(argv=None) -> dict:
         print(f"toybench: the first run failed, so there is no 'before' evaluation:\n{first['log_tail']}", file=sys.stderr)
         sys.exit(1)
     if args.oracle:
-        runs.append(oracle(world, args.seed, args.out))
+        runs += [oracle(world, args.seed, args.out, answers) for answers in ORACLES]
     base = toy_world.implant_dir(world.config, toy_world.ImplantConfig())  # the model before unlearning
     results = {"seed": args.seed, "steps": args.steps, "ranks": args.ranks, "train_args": args.train_args.split(),
                "targets": TARGETS,
