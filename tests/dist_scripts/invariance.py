@@ -22,6 +22,9 @@ WPN = method_class("wpn").Options
 # Every registered method with its defaults, WPN with its auxiliary terms on, and WPN with local negatives.
 METHODS = {name: build_method(name) for name in method_names()}
 METHODS["wpn"] = build_method("wpn", WPN(positive_lm_weight=1.0, retain_weight=1.0, temperature=0.5))
+# Both sides of the N-pair term trained: the gathered negatives carry gradients (the default's are the frozen model's).
+METHODS["wpn-trained-sides"] = build_method("wpn", WPN(frozen_side="none", positive_lm_weight=1.0, retain_weight=1.0,
+                                                       temperature=0.5))
 METHODS["wpn-local-negatives"] = build_method("wpn", WPN(global_negatives=False, positive_lm_weight=0.5,
                                                          retain_weight=1.0, retain_loss="kl"))
 METHODS["wpn-recovery"] = build_method("wpn", WPN(global_negatives=False, recovery_cuts=2, recovery_weight=1.0,

@@ -18,7 +18,9 @@ distributed.init()
 rows = [int(r) for r in rows_arg.split(",")]
 assert len(rows) == distributed.world_size(), (rows, distributed.world_size())
 start = sum(rows[:distributed.rank()])
-method = build_method("wpn", method_class("wpn").Options(positive_lm_weight=0.0, recovery_cuts=0, temperature=0.5))
+# Both sides trained (frozen_side none): the gradients flow through the gathered negatives too.
+method = build_method("wpn", method_class("wpn").Options(positive_lm_weight=0.0, recovery_cuts=0, temperature=0.5,
+                                                         frozen_side="none"))
 results = {}
 for model_name in models_arg.split(","):
     tokenizer = models.load_tokenizer(model_name)

@@ -31,7 +31,7 @@ from .launch import REPO, launch, launcher
 SPLITS = ("id", "ood", "adversarial", "prefill")
 # The ablation of WPN's choices: each row changes one thing from the defaults.
 NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
-              "--retention_weight", "0"]
+              "--retention_weight", "0", "--frozen_side", "none"]
 
 
 def with_values(args: list, **values) -> list:
@@ -49,7 +49,6 @@ ABLATION = {
     "wpn npair=0": ["--npair_weight", "0"],  # every other term: what the N-pair term adds
     "wpn recovery_cuts=0": ["--recovery_cuts", "0"],
     "wpn recovery_depths=even": ["--recovery_depths", "even"],
-    "wpn recovery_lm=0": ["--recovery_lm_weight", "0"],
     "wpn recovery_npair=1": ["--recovery_weight", "1"],  # the recovery cuts' N-pair term too
     "wpn retention=0": ["--retention_weight", "0"],
     "wpn retention=1": ["--retention_weight", "1"],
@@ -74,11 +73,12 @@ ABLATION = {
     "wpn pooling=last": ["--pooling", "last"],
     "wpn anchor=generation": ["--anchor", "generation"],
     "wpn layer=1": ["--representation_layer", "1"],
-    "wpn frozen_side=candidates": ["--frozen_side", "candidates"],
+    "wpn frozen_side=none": ["--frozen_side", "none"],  # both sides of the N-pair term trained
     "wpn frozen_side=anchor": ["--frozen_side", "anchor"],
     "wpn lr=1e-4": ["--lr", "1e-4"],
     "wpn lr=1e-3": ["--lr", "1e-3"],
     "wpn npair only": NPAIR_ONLY,  # the paper-literal loss
+    "wpn npair only frozen_side=candidates": with_values(NPAIR_ONLY, frozen_side="candidates"),  # the default's N-pair term alone
     "wpn npair only retention=1": with_values(NPAIR_ONLY, retention_weight=1),  # with the regulariser against collapse
     "wpn npair only retention=1 prompt_noise=0.4": with_values(NPAIR_ONLY, retention_weight=1, prompt_noise=0.4),
     "wpn npair only layer=1": NPAIR_ONLY + ["--representation_layer", "1"],

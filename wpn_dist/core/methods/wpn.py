@@ -59,10 +59,13 @@ class WPNOptions:
     recovery_lm_weight: float = field(default=1.0, metadata={
         "help": "WPN with --recovery_cuts: weight of the token cross-entropy of the harmless response written "
                 "after each harmful prefix (safety-recovery augmentation; our choice)."})
-    frozen_side: Literal["none", "candidates", "anchor"] = field(default="none", metadata={
+    frozen_side: Literal["none", "candidates", "anchor"] = field(default="candidates", metadata={
         "help": "WPN: which side of the N-pair terms is pooled from the frozen original model instead of the "
-                "trained one (our choice): 'candidates' (positives and negatives are fixed targets the anchor "
-                "moves between), 'anchor' (the prompt's representation is fixed and the responses move), or none."})
+                "trained one (our choice): 'candidates' (the default: positives and negatives are fixed targets "
+                "the anchor moves between; on the toy world it holds off 5 steps of the relearning attack on 4 of "
+                "5 seeds where 'none' holds off none, README, the efficacy table), 'anchor' (the prompt's "
+                "representation is fixed and the responses move), or 'none' (both sides trained, the paper's "
+                "form). Any but 'none' needs the frozen model (a second engine)."})
     retention_weight: Optional[float] = field(default=None, metadata={
         "help": "WPN: weight of a representation-retention term on normal data (--normal_data; our choice): the "
                 "squared distance between the trained and the frozen original model's states of "
