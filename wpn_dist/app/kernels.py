@@ -2,9 +2,10 @@
 
 torch (its ATen kernels), MKL (its GEMM code path) and oneDNN each pick their instructions by the CPU
 they find, and each choice rounds differently. The toy world is small enough that this rounding
-changes what a model learns: seed 0's WPN row went from QA 99.0% and relearned @5 100% on torch's
-AVX512 kernels to 97.9% and 43% on its AVX2 ones, on the same machine (docs/toybench/). So toy runs
-fix the kernels to what every x86 CPU of the last decade has:
+changes what a model learns: on the same machine seed 0's WPN run has relearned @5 22% on torch's
+AVX512 kernels and 0% on its AVX2 ones, and sft's OOD harmless rate 73.1% and 88.1%
+(docs/toybench/seed0-native.md, seed0-avx2.md). So toy runs fix the kernels to what every x86 CPU of
+the last decade has:
 
 - ``ATEN_CPU_CAPABILITY=avx2``: torch's vectorised kernels (softmax, layer norm, elementwise ops);
 - ``MKL_CBWR=COMPATIBLE``: MKL's one code path that gives the same results on Intel and other x86

@@ -54,8 +54,9 @@ class WPNOptions:
                 "afresh every step, uniform over every depth (our choice)."})
     recovery_weight: float = field(default=0.0, metadata={
         "help": "WPN with --recovery_cuts: weight of the recovery N-pair term (our choice). Default 0, off: on the "
-                "toy world it cost QA accuracy on two of four seeds and held off no relearning (README, the "
-                "efficacy table); the cuts' LM term (--recovery_lm_weight) stays."})
+                "toy world it gave back what the frozen candidates hold off (relearned @5 61-100% on seeds 0-4, "
+                "against 0-21% without it; README, the efficacy table); the cuts' LM term (--recovery_lm_weight) "
+                "stays."})
     recovery_lm_weight: float = field(default=1.0, metadata={
         "help": "WPN with --recovery_cuts: weight of the token cross-entropy of the harmless response written "
                 "after each harmful prefix (safety-recovery augmentation; our choice)."})
@@ -63,7 +64,7 @@ class WPNOptions:
         "help": "WPN: which side of the N-pair terms is pooled from the frozen original model instead of the "
                 "trained one (our choice): 'candidates' (the default: positives and negatives are fixed targets "
                 "the anchor moves between; on the toy world it holds off 5 steps of the relearning attack on 4 of "
-                "5 seeds where 'none' holds off none, README, the efficacy table), 'anchor' (the prompt's "
+                "5 seeds, 'none' on none of them: README, the efficacy table), 'anchor' (the prompt's "
                 "representation is fixed and the responses move), or 'none' (both sides trained, the paper's "
                 "form). Any but 'none' needs the frozen model (a second engine)."})
     retention_weight: Optional[float] = field(default=None, metadata={
