@@ -54,8 +54,8 @@ class WPNOptions:
                 "afresh every step, uniform over every depth (our choice)."})
     recovery_weight: float = field(default=0.0, metadata={
         "help": "WPN with --recovery_cuts: weight of the recovery N-pair term (our choice). Default 0, off: on the "
-                "toy world it gave back what the frozen candidates hold off (relearned @5 61-100% on seeds 0-4, "
-                "against 0-21% without it; README, the efficacy table); the cuts' LM term (--recovery_lm_weight) "
+                "toy world it gave back what the frozen candidates hold off (relearned @5 61-100%% on seeds 0-4, "
+                "against 0-21%% without it; README, the efficacy table); the cuts' LM term (--recovery_lm_weight) "
                 "stays."})
     recovery_lm_weight: float = field(default=1.0, metadata={
         "help": "WPN with --recovery_cuts: weight of the token cross-entropy of the harmless response written "
