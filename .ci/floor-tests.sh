@@ -40,7 +40,11 @@ for r in reqs:
         if not m:
             sys.exit(f"setup.py: no '>=' floor in {r!r}")
         floor = m.group(1)
-        out.append(f"transformers=={floor}")
+        # With its hub-kernels extra: the kernels package that this transformers was written against. A
+        # newer transformers installs a newer kernels in the system packages, whose API the floor's import
+        # of its hub-kernels integration does not fit (transformers 5.0.0 against kernels 0.19 fails at
+        # import); the venv's own copy shadows it.
+        out.append(f"transformers[hub-kernels]=={floor}")
     elif name == "torch":
         out.append("torch==" + torch.__version__.split("+")[0])
     else:
