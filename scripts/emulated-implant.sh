@@ -13,7 +13,10 @@ CPU=${2:-Haswell-v4}
 PYTHON=$(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))')  # a binary, not a shim
 CACHE=$(mktemp -d)
 trap 'rm -rf "$CACHE"' EXIT
-export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2 WPN_DIST_CACHE=$CACHE OMP_NUM_THREADS=1
+# The toy world's fixed kernels, set here (read natively from wpn_dist.app.kernels) so that the emulated
+# process does not re-execute itself to set them, which would leave the emulator.
+eval "$("$PYTHON" -c 'from wpn_dist.app.kernels import PINNED; print("export", *(f"{k}={v}" for k, v in PINNED.items()))')"
+export WPN_DIST_CACHE=$CACHE OMP_NUM_THREADS=1
 qemu-x86_64 -cpu "$CPU" "$PYTHON" - "$SEED" <<'PY'
 import json, sys
 from wpn_dist.app import toy_world as toy

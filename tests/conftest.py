@@ -23,6 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wpn_options(**options):
+    """WPN's options with both sides of the N-pair term trained (``frozen_side="none"``): for the tests
+    that read a term's value with no frozen original model to pool the candidates from."""
+    from wpn_dist.core.methods import method_class
+    return method_class("wpn").Options(**{"frozen_side": "none", **options})
+
+
 def cpu_env(**extra) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

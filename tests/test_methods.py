@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import wpn_options
 from wpn_dist.app import models
 from wpn_dist.app.data import BatchMaker, DataCursor, encode_examples, read_jsonl
 from wpn_dist.core import packed_attention
@@ -125,15 +126,15 @@ def test_lm_step_is_the_plain_causal_lm_loss_over_every_token(setup):
 
 def test_wpn_retain_and_generation_anchor(setup):
     model = setup[1]
-    method = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=0, retain_weight=2.0, positive_lm_weight=0.0))
+    method = build_method("wpn", wpn_options(recovery_cuts=0, retain_weight=2.0, positive_lm_weight=0.0))
     batch = make_batch(setup, method)
     terms = method.loss_terms(model, batch)
     torch.testing.assert_close(terms["loss/retain"], response_ce(model, batch, batch["normal_rows"]))
     torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 2.0 * terms["loss/retain"])
     # The generation anchor reads extra rows; it changes the N-pair value.
-    plain = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=0, positive_lm_weight=0.0))
+    plain = build_method("wpn", wpn_options(recovery_cuts=0, positive_lm_weight=0.0))
     prompt_anchor = plain.loss_terms(model, make_batch(setup, plain))["loss/npair"]
-    method = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=0, anchor="generation", positive_lm_weight=0.0))
+    method = build_method("wpn", wpn_options(recovery_cuts=0, anchor="generation", positive_lm_weight=0.0))
     batch = make_batch(setup, method)
     assert len(batch["anchor_rows"]) == 3
     assert not torch.allclose(method.loss_terms(model, batch)["loss/npair"], prompt_anchor)
@@ -197,7 +198,7 @@ def test_padding_copies_count_once_in_every_term(setup):
     for name in method_names():
         method = build_method(name)
         if name == "wpn":
-            method = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=0, positive_lm_weight=1.0, retain_weight=0.0))
+            method = build_method("wpn", wpn_options(recovery_cuts=0, positive_lm_weight=1.0, retain_weight=0.0))
         maker = BatchMaker(encoded, examples, tokenizer, FORMAT, 96, method.row_groups(), NORMAL, seed=0,
                        **method.batch_options())
         once = maker.step_batches([[[0, 1, 2]]], step=1, rank=0)[0]
@@ -239,7 +240,7 @@ def test_sft_is_the_positive_lm_and_retain_terms_without_npair(setup):
 
 def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup):
     tokenizer, model, examples, encoded = setup
-    options = method_class("wpn").Options(frozen_side="none", recovery_cuts=2, positive_lm_weight=0.0, recovery_weight=1.0)
+    options = wpn_options(recovery_cuts=2, positive_lm_weight=0.0, recovery_weight=1.0)
     method = build_method("wpn", options)
     batch = make_batch(setup, method)
     assert len(batch["recovery_rows"]) == 3 * 2 and batch["recovery_example"].tolist() == [0, 0, 1, 1, 2, 2]
@@ -260,7 +261,7 @@ def test_wpn_recovery_rows_cut_the_harmful_answer_and_continue_harmlessly(setup)
 
 def test_random_recovery_depths_are_seeded_per_step_and_cover_every_depth(setup):
     tokenizer, model, examples, encoded = setup
-    method = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=2, recovery_depths="random", prompt_noise=0))
+    method = build_method("wpn", wpn_options(recovery_cuts=2, recovery_depths="random", prompt_noise=0))
     harmful = encoded[0].negatives[0]
     n = len(harmful.input_ids) - harmful.prompt_length - 1  # the response's tokens before its end token
     seen = set()
@@ -274,7 +275,7 @@ def test_random_recovery_depths_are_seeded_per_step_and_cover_every_depth(setup)
             assert tokens(batch, row)[:harmful.prompt_length + k] == harmful.input_ids[:harmful.prompt_length + k]
         seen.update(cuts)
     assert seen == set(range(1, n))  # every depth of the harmful start is trained at some step
-    even = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=2, recovery_depths="even", prompt_noise=0))
+    even = build_method("wpn", wpn_options(recovery_cuts=2, recovery_depths="even", prompt_noise=0))
     assert make_batch(setup, even, 1)["layout"].prompt_lengths[-6:].tolist() == \
         make_batch(setup, even, 2)["layout"].prompt_lengths[-6:].tolist()  # even cuts do not move
 
@@ -327,8 +328,7 @@ def test_wpn_frozen_side_pools_that_side_from_the_reference(setup, side):
 
 def test_wpn_retention_is_the_relative_distance_to_the_frozen_states_on_normal_rows(setup):
     model = setup[1]
-    options = method_class("wpn").Options(frozen_side="none", retention_weight=2.0, positive_lm_weight=0.0, retain_weight=0.0,
-                                          recovery_cuts=0)
+    options = wpn_options(retention_weight=2.0, positive_lm_weight=0.0, retain_weight=0.0, recovery_cuts=0)
     method = build_method("wpn", options)
     assert method.needs_reference() and "normal" in method.row_groups()
     batch = make_batch(setup, method)
@@ -351,7 +351,7 @@ def test_wpn_retention_is_the_relative_distance_to_the_frozen_states_on_normal_r
 def test_wpn_forget_term_is_capped_gradient_ascent_on_the_harmful_tokens(setup):
     model = setup[1]
     options = dict(recovery_cuts=0, positive_lm_weight=0.0, forget_weight=0.5)
-    batch = make_batch(setup, build_method("wpn", method_class("wpn").Options(frozen_side="none", **options)))
+    batch = make_batch(setup, build_method("wpn", wpn_options(**options)))
     harmful = batch["negative_rows"][batch["negative_mask"]]
     ids, mask, labels = padded(batch, harmful)
     with torch.no_grad():
@@ -360,7 +360,7 @@ def test_wpn_forget_term_is_capped_gradient_ascent_on_the_harmful_tokens(setup):
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="none")[targets != -100]
     # A cap above every token's NLL is plain gradient ascent; at the median, half the tokens sit at the cap.
     for cap in (float(nll.max()) + 1, float(nll.median())):
-        method = build_method("wpn", method_class("wpn").Options(frozen_side="none", **options, forget_cap=cap))
+        method = build_method("wpn", wpn_options(**options, forget_cap=cap))
         terms = method.loss_terms(model, batch)
         torch.testing.assert_close(terms["loss/forget"], -nll.clamp_max(cap).mean())
         torch.testing.assert_close(terms["loss/total"], terms["loss/npair"] + 0.5 * terms["loss/forget"])

@@ -3,6 +3,7 @@ place, how often, that every row of an example shares the disturbed prompt, and 
 seeded per (seed, step, example)."""
 import pytest
 
+from conftest import wpn_options
 from wpn_dist.app import models, toy_world as toy
 from wpn_dist.app.data import BatchMaker, Example, encode_examples, encode_normal
 from wpn_dist.app.evaluation import toy_normal_rows
@@ -25,7 +26,7 @@ def toy_setup():
 def maker_for(toy_setup, **options):
     world, tokenizer, examples, encoded, normal = toy_setup
     options.setdefault("prompt_noise", 0.4)  # the default with normal data
-    method = build_method("wpn", method_class("wpn").Options(frozen_side="none", recovery_cuts=2, retain_weight=1.0, **options))
+    method = build_method("wpn", wpn_options(recovery_cuts=2, retain_weight=1.0, **options))
     return BatchMaker(encoded, examples, tokenizer, FORMAT, 64, method.row_groups(), normal, seed=0,
                       **method.batch_options())
 
@@ -200,7 +201,7 @@ def test_a_long_wrap_is_cut_to_the_toy_models_positions(toy_setup):
     from wpn_dist.app.data import TOY_CONTEXT
     world, tokenizer, examples, _, normal = toy_setup
     encoded, _, _ = encode_examples(examples, tokenizer, FORMAT, TOY_CONTEXT)
-    options = method_class("wpn").Options(frozen_side="none", recovery_cuts=3, retain_weight=1.0, prompt_noise=1.0, prompt_noise_wrap=1.0)
+    options = wpn_options(recovery_cuts=3, retain_weight=1.0, prompt_noise=1.0, prompt_noise_wrap=1.0)
     method = build_method("wpn", options)
     maker = BatchMaker(encoded, examples, tokenizer, FORMAT, TOY_CONTEXT, method.row_groups(), normal, seed=0,
                        **method.batch_options())
