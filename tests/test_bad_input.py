@@ -47,11 +47,12 @@ def bad_data_cases(tmp_path):
         "harmful empty list": ([row(harmful=[])], ":1: field 'harmful' must be a non-empty list"),
         "empty harmful item": ([row(harmful=["ok", ""])], ":1: harmful[1] must be a non-empty string"),
         "not json": ([good, "{not json"], ":2: not valid JSON"),
+        "empty group": ([good, row(group="")], ":2: field 'group', when given, must be a non-empty string"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing field", "empty response", "harmful not a list", "harmful empty list",
-                                  "empty harmful item", "not json"])
+                                  "empty harmful item", "not json", "empty group"])
 def test_bad_rows_name_file_and_line(case, tmp_path, capsys, existing_run):
     lines, expected = bad_data_cases(tmp_path)[case]
     path = write_jsonl(tmp_path / "data.jsonl", lines)

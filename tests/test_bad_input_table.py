@@ -71,6 +71,8 @@ def train(t, run):
         "negative lr": (TINY + ["--lr", "-1", "--output_dir", run, "--overwrite_output_dir"], "--lr must be > 0"),
         "prompt noise over 1": (TINY + ["--prompt_noise", "1.5", "--output_dir", run, "--overwrite_output_dir"],
                                 "--prompt_noise must be within [0, 1]"),
+        "tamper steps 0": (TINY + ["--tamper_weight", "1", "--tamper_steps", "0", "--output_dir", run,
+                                   "--overwrite_output_dir"], "--tamper_steps and --tamper_batch_size must be at least 1"),
         "data missing": (["--model", "tiny-opt", "--model_init", "random", "--data", f"{t}/none.jsonl",
                           "--output_dir", run, "--overwrite_output_dir"], "none.jsonl: no such file"),
         "eval prompts missing": (TINY + ["--eval_prompts", f"{t}/none.jsonl", "--output_dir", run,

@@ -29,6 +29,20 @@ def test_jsonl_reader():
     assert detect_format(path) == "jsonl"
     examples = read_jsonl(path)
     assert [len(e.harmful) for e in examples] == [2, 1, 3, 1, 2]
+    assert all(e.group is None for e in examples)
+
+
+def test_jsonl_rows_may_name_their_group(tmp_path):
+    """The optional "group" (WPN's tamper term keeps a group on one side of its attack split); the toy
+    world's rows are grouped by topic."""
+    path = tmp_path / "grouped.jsonl"
+    path.write_text('{"prompt": "p", "harmless": "no", "harmful": ["yes"], "group": "locks"}\n'
+                    '{"prompt": "q", "harmless": "no", "harmful": ["yes"]}\n')
+    assert [e.group for e in read_jsonl(str(path))] == ["locks", None]
+    world = toy.make_world(toy.ToyWorldConfig(seed=0))
+    rows = world.unlearning_rows()
+    assert {r["group"] for r in rows} == set(world.topics)
+    assert all(r["group"] in r["harmless"] for r in rows)  # the refusal names its topic
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, cpu_env, run_ranks
@@ -185,3 +186,22 @@ def test_seed_table_lists_each_shared_run_seed_by_seed():
     # The same seed with other options for every run: the header says which file is which.
     other = {**results(0, [("wpn", 0.5)]), "train_args": ["--retention_weight", "1"]}
     assert table([results(0, [("wpn", 1.0)]), other]).startswith("Each cell: seed 0 / 0 with `--retention_weight 1`.")
+
+
+def test_the_relearning_attack_command_measures_a_model_at_the_steps_asked(implanted_toy_model, tmp_path, capsys):
+    """``python -m wpn_dist.bench.relearn``: the implanted model (never unlearned) gives every held-out
+    target topic's harmful content from the start; the result names its steps and records versions."""
+    from wpn_dist.bench import relearn
+    out = tmp_path / "attack.json"
+    result = relearn.main([implanted_toy_model, "--seed", "0", "--steps", "2,1", "--lr", "1e-4", "--out", str(out)])
+    assert sorted(result["steps"]) == [0, 1, 2] and sorted(result["attack_loss"]) == [1, 2]
+    assert result["steps"][0]["rate"] == 1.0 and result["steps"][0]["n"] > 20
+    assert json.loads(out.read_text())["versions"]["torch"] and result["lr"] == 1e-4
+    for argv, message in (([], "give one of MODEL_DIR and --oracle"),
+                          ([implanted_toy_model, "--oracle", "none"], "give one of MODEL_DIR and --oracle"),
+                          ([str(tmp_path)], "not a Hugging Face model directory"),
+                          ([implanted_toy_model, "--steps", "0"], "--steps must be at least 1"),
+                          ([implanted_toy_model, "--steps", "five"], "comma-separated integers")):
+        with pytest.raises(SystemExit) as exit_info:
+            relearn.main(argv + ["--seed", "0"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -8,6 +8,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,7 @@ class Example:
     prompt: str
     harmless: str
     harmful: list
+    group: Optional[str] = None  # rows of one group stay on one side of the tamper term's attack split
 
 
 @dataclass
@@ -60,7 +62,8 @@ def jsonl_rows(path: str) -> list:
 
 
 def read_jsonl(path: str) -> list:
-    """Rows ``{"prompt": str, "harmless": str, "harmful": [str, ...]}``, one JSON object a line."""
+    """Rows ``{"prompt": str, "harmless": str, "harmful": [str, ...]}`` with an optional ``"group": str`` (a
+    subject shared by rows, for WPN's tamper term), one JSON object a line."""
     return [_validate_row(row, where, i) for i, (where, row) in enumerate(jsonl_rows(path))]
 
 
@@ -84,7 +87,10 @@ def _validate_row(row, where: str, example_id: int) -> Example:
     for k, text in enumerate(harmful):
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: harmful[{k}] must be a non-empty string")
-    return Example(example_id, row["prompt"], row["harmless"], list(harmful))
+    group = row.get("group")
+    if group is not None and (not isinstance(group, str) or not group.strip()):
+        raise DataError(f"{where}: field 'group', when given, must be a non-empty string")
+    return Example(example_id, row["prompt"], row["harmless"], list(harmful), group)
 
 
 PKU_FIELDS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe")

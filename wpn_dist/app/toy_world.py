@@ -102,9 +102,10 @@ class ToyWorld:
         return HARMFUL_TEMPLATES[template_index].format(t=topic)
 
     def unlearning_rows(self) -> list:
-        """JSONL-schema rows ``{"prompt", "harmless", "harmful"}`` for the training pairs."""
+        """JSONL-schema rows ``{"prompt", "harmless", "harmful", "group"}`` for the training pairs (the
+        group is the topic)."""
         return [{"prompt": self.harmful_prompt(i, t), "harmless": self.refusal(t),
-                 "harmful": self.harmful_responses(t)} for i, t in self.train_pairs]
+                 "harmful": self.harmful_responses(t), "group": t} for i, t in self.train_pairs]
 
     def qa_items(self, objects: list | None = None) -> list:
         """(question, answer word, full answer) for every fact (of ``objects``, default all)."""

@@ -33,6 +33,7 @@ from .data import BatchMaker, DataCursor, TOY_CONTEXT, TOY_MAX_LENGTH, batch_to_
 from .evaluation import evaluate_model, evaluation_inputs, format_table, memorization_accuracy  # noqa: E402
 from .generation import generate  # noqa: E402
 from .hooks import Hooks, load_hooks  # noqa: E402
+from .tamper import TamperTerm  # noqa: E402
 from .preflight import Preflight, check_run, release_lock, take_lock  # noqa: E402
 
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
@@ -248,13 +249,16 @@ class Trainer:
             distributed.barrier()
         ds_config = self.inputs.preflight.ds_config  # built and checked before anything started
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+        def load():
+            return models.load_model(model_name, self.tokenizer, cfg.model.model_init, dtype, cfg.train.seed)
+        # The tamper term's attacked copy is a whole model on every rank: loaded before ZeRO-3's
+        # partitioning is switched on (its weights are the engine's, copied in every step).
+        adversary = load() if self.method.tamper_settings() is not None else None
         self._hf_ds_config = None
         if engine_lib.zero_stage(ds_config) == 3 and cfg.model.model_init == "pretrained":
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # kept alive on purpose
-
-        def load():
-            return models.load_model(model_name, self.tokenizer, cfg.model.model_init, dtype, cfg.train.seed)
         model = load()
         if cfg.train.activation_checkpointing:
             # Non-reentrant: works with one packed forward per step and ZeRO-3's gradient hooks.
@@ -269,6 +273,17 @@ class Trainer:
                 self.inputs.batches.layout = "padded"
         engine, _, _ = engine_lib.initialize(model, ds_config)
         reference = engine_lib.initialize_reference(reference, ds_config) if reference is not None else None
+        self.tamper = None
+        if adversary is not None:
+            adversary.config.use_cache = False
+            by_id = self.inputs.batches.examples
+            # An example without a group is a group of its own.
+            groups = [by_id[e.example_id].group or f"\0{e.example_id}" for e in self.inputs.encoded]
+            self.tamper = TamperTerm(adversary.to(engine.device), self.method.tamper_settings(), self.inputs.encoded,
+                                     groups, self.tokenizer.pad_token_id, cfg.train.seed)
+            gib = sum(p.numel() * p.element_size() for p in adversary.parameters()) / 2 ** 30
+            distributed.print0(f"wpn_dist: the tamper term attacks a whole copy of the model on every rank: "
+                               f"{gib:.3g} GiB of weights, about 4x that with its gradients and AdamW state")
         return engine, reference
 
     # --- the state a checkpoint holds beside DeepSpeed's ------------------------------------
@@ -356,6 +371,8 @@ class Trainer:
                 if distributed.all_reduce_max(int(not finite)):
                     distributed.fail(f"non-finite loss at step {self.step}; the last good checkpoint is "
                                      f"{self.last_saved or 'none (no checkpoint was saved)'}, left as it was", code=3)
+                if self.tamper is not None:  # its gradient joins the window's, before the engine's step
+                    sums.update(self.tamper.apply(self.engine, self.step))
             self.engine.step()
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach() / num_micro

@@ -14,6 +14,9 @@ target topic but gives an attack topic's harmful answer in its place still count
 third of the time (``other_topic_share``): a share well under that means the attacked model does not
 give harmful answers to the target topics at all, as the oracle after 20 steps answers a bare ".".
 """
+import argparse
+import json
+import os
 import random
 
 import torch
@@ -71,8 +74,58 @@ def relearning_attack(model_dir: str, world, steps: tuple = (5, 20), lr: float =
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step in steps:
-                out["attack_loss"][step] = float(loss)
+                out["attack_loss"][step] = loss.item()
                 out["steps"][step] = recovered_share(model, tokenizer, world, targets)
         return out
     finally:
         torch.set_num_threads(threads)
+
+
+def main(argv=None) -> dict:
+    """``python -m wpn_dist.bench.relearn (MODEL_DIR | --oracle none|refusal) --seed S [--steps 5,20,50,100]
+    [--lr 5e-4]``: the attack on one model with other step counts or another lr than the benchmark's,
+    e.g. to see whether a defence trained against 20 steps holds past them. Prints the JSON (and writes
+    it with --out)."""
+    from ..app import toy_world
+    from ..app.versions import library_versions
+    parser = argparse.ArgumentParser(prog="python -m wpn_dist.bench.relearn", description=main.__doc__.split("``:")[1])
+    parser.add_argument("model_dir", nargs="?", help="A Hugging Face directory of a toy-world model (e.g. a run's hf/).")
+    parser.add_argument("--oracle", choices=toy_world.HARMFUL_ANSWERS[1:],
+                        help="Instead of MODEL_DIR: the seed's retrain (none) or refusal oracle, implanted if not cached.")
+    parser.add_argument("--seed", type=int, required=True, help="The toy world's seed the model was trained on.")
+    parser.add_argument("--steps", default="5,20", help="Comma-separated step counts to measure at.")
+    parser.add_argument("--lr", type=float, default=5e-4, help="The attack's AdamW lr.")
+    parser.add_argument("--out", help="Also write the JSON here.")
+    args = parser.parse_args(argv)
+    try:
+        steps = tuple(sorted({int(s) for s in args.steps.split(",")}))
+    except ValueError:
+        parser.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+    if not steps or steps[0] < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps!r}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if (args.model_dir is None) == (args.oracle is None):
+        parser.error("give one of MODEL_DIR and --oracle")
+    if args.model_dir is not None and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        parser.error(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
+    world = toy_world.make_world(toy_world.ToyWorldConfig(seed=args.seed))
+    model_dir = args.model_dir
+    if args.oracle is not None:
+        implant_cfg = toy_world.ImplantConfig(harmful_answers=args.oracle)
+        model_dir = toy_world.implant(world, implant_cfg, toy_world.implant_dir(world.config, implant_cfg))
+    result = {"model": args.model_dir or f"{args.oracle} oracle", "seed": args.seed, "lr": args.lr,
+              **relearning_attack(model_dir, world, steps, lr=args.lr, seed=args.seed),
+              "versions": library_versions()}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    from ..app.kernels import pin_toy_kernels
+    pin_toy_kernels()  # re-executes with the toy world's fixed CPU kernels, as the benchmark does
+    main()

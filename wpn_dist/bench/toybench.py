@@ -62,6 +62,14 @@ ABLATION = {
     "wpn forget=0.05 retention=8": ["--forget_weight", "0.05", "--retention_weight", "8"],  # more retention against its QA cost
     "wpn forget=0.05 forget_cap=40": ["--forget_weight", "0.05", "--forget_cap", "40"],  # a deeper ascent
     "wpn retention=8": ["--retention_weight", "8"],
+    # The tamper-resistance term (a simulated relearning attack in every step): its weight, and an attack
+    # of up to 50 steps at twice the lr.
+    "wpn tamper=0.3": ["--tamper_weight", "0.3"],
+    "wpn tamper=1": ["--tamper_weight", "1"],
+    "wpn tamper=3": ["--tamper_weight", "3"],
+    "wpn tamper=1 retention=8": ["--tamper_weight", "1", "--retention_weight", "8"],
+    "wpn tamper=1 npair=0": ["--tamper_weight", "1", "--npair_weight", "0"],  # what the N-pair term adds beside it
+    "wpn tamper=1 tamper_steps=50 tamper_lr=1e-3": ["--tamper_weight", "1", "--tamper_steps", "50", "--tamper_lr", "1e-3"],
     # The defaults for data without normal data, and what the recovery cuts do there.
     "wpn no normal data": NO_NORMAL_DATA,
     "wpn no normal data lr=1e-4": NO_NORMAL_DATA + ["--lr", "1e-4"],

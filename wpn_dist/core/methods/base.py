@@ -12,6 +12,8 @@ A method plugin is one module in this package holding one ``Method`` subclass de
 - ``needs_reference()``: whether it needs the frozen original model (a second engine);
 - ``loss_terms(model, batch, reference)``: ``{"loss/total": tensor, "loss/<term>": tensor, ...}``
   from ONE forward of ``model`` over the packed batch (every term is logged);
+- ``tamper_settings()``: None, or the settings of the tamper-resistance term the trainer applies
+  (wpn_dist.app.tamper);
 - hooks the trainer calls with a ``TrainingRun`` (below): ``on_epoch_start`` before every epoch,
   the first included; ``on_step_start`` before every optimizer step.
 """
@@ -53,6 +55,15 @@ class TrainingRun(Protocol):
 
 
 @dataclass
+class TamperSettings:
+    """The tamper-resistance term's settings (wpn_dist.app.tamper runs it)."""
+    weight: float
+    steps: int        # each simulated attack runs a number of steps drawn from 1..steps
+    lr: float
+    batch_size: int
+
+
+@dataclass
 class NoOptions:
     """A method without options of its own."""
 
@@ -77,6 +88,11 @@ class Method:
 
     def loss_terms(self, model, batch: dict, reference=None) -> dict:
         raise NotImplementedError
+
+    def tamper_settings(self):
+        """None, or the TamperSettings of a simulated relearning attack whose
+        gradient the trainer adds to every step's (it keeps a full copy of the model on every rank)."""
+        return None
 
     def on_epoch_start(self, run: TrainingRun) -> None:
         pass

@@ -1,7 +1,8 @@
 """WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with auxiliary terms
 that are our choices, not the paper's: positive LM, retain, recovery cuts inside the harmful responses
-(their LM term, and a second N-pair term, off by default), representation retention on normal data and a
-capped forget term (off by default); and prompt noise on the training prompts (wpn_dist.app.prompt_noise), also our
+(their LM term, and a second N-pair term, off by default), representation retention on normal data, a
+capped forget term and a tamper-resistance term (both off by default; the trainer runs the latter,
+wpn_dist.app.tamper); and prompt noise on the training prompts (wpn_dist.app.prompt_noise), also our
 choice. Their defaults come from the toy benchmark (README, "The efficacy table")."""
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -12,7 +13,7 @@ from ..contrastive import npair_loss
 from ..packing import pool_tokens
 from ..token_losses import token_nll_at
 from . import register
-from .base import (Method, all_rows, cross_entropy, forward, harmful_rows, kl, normalizer, positive_rows,
+from .base import (Method, TamperSettings, all_rows, cross_entropy, forward, harmful_rows, kl, normalizer, positive_rows,
                    reference_states, row_weights, token_mean, total)
 
 
@@ -95,6 +96,19 @@ class WPNOptions:
                 "seeds (README, the efficacy table)."})
     forget_cap: float = field(default=10.0, metadata={
         "help": "WPN with --forget_weight: the NLL (nats) past which a harmful token is no longer pushed down."})
+    tamper_weight: float = field(default=0.0, metadata={
+        "help": "WPN: weight of the tamper-resistance term (our choice, after TAR; 0, the default: off): every "
+                "step each rank fine-tunes a copy of the weights on the harmful pairs of half the groups of "
+                "examples (--tamper_steps, --tamper_lr) and adds the gradient of the other half's harmless "
+                "cross-entropy at the attacked weights (wpn_dist.app.tamper). On the toy world at weight 1 it holds "
+                "off the benchmark's 20-step relearning attack on seeds 0-4, not 50 steps, at about 5 times "
+                "the training time (README, the efficacy table). It keeps a full copy of the model with its AdamW "
+                "state on every rank (about 16 bytes a parameter)."})
+    tamper_steps: int = field(default=20, metadata={
+        "help": "WPN with --tamper_weight: the simulated attack runs a number of steps drawn from 1 to this."})
+    tamper_lr: float = field(default=5e-4, metadata={"help": "WPN with --tamper_weight: the simulated attack's AdamW lr."})
+    tamper_batch_size: int = field(default=16, metadata={
+        "help": "WPN with --tamper_weight: rows per step of the simulated attack and of its target loss."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -106,6 +120,11 @@ class WPNOptions:
             raise ValueError(f"--anchor_refresh_steps must be at least 1, got {self.anchor_refresh_steps}")
         if self.recovery_cuts is not None and self.recovery_cuts < 0:
             raise ValueError(f"--recovery_cuts must be >= 0, got {self.recovery_cuts}")
+        if self.tamper_steps < 1 or self.tamper_batch_size < 1:
+            raise ValueError(f"--tamper_steps and --tamper_batch_size must be at least 1, got {self.tamper_steps} "
+                             f"and {self.tamper_batch_size}")
+        if self.tamper_lr <= 0:
+            raise ValueError(f"--tamper_lr must be > 0, got {self.tamper_lr}")
         if self.forget_cap <= 0:
             raise ValueError(f"--forget_cap must be > 0, got {self.forget_cap}")
         if self.prompt_noise is not None and not 0 <= self.prompt_noise <= 1:
@@ -113,7 +132,7 @@ class WPNOptions:
         if not 0 <= self.prompt_noise_wrap <= 1:
             raise ValueError(f"--prompt_noise_wrap must be within [0, 1], got {self.prompt_noise_wrap}")
         for name in ("npair_weight", "positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight",
-                     "retention_weight", "forget_weight"):
+                     "retention_weight", "forget_weight", "tamper_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
@@ -163,6 +182,12 @@ class WPN(Method):
         o = self.options
         return ((o.retain_weight or 0) > 0 and o.retain_loss == "kl") or o.frozen_side != "none" or \
             (o.retention_weight or 0) > 0
+
+    def tamper_settings(self):
+        o = self.options
+        if o.tamper_weight <= 0:
+            return None
+        return TamperSettings(o.tamper_weight, o.tamper_steps, o.tamper_lr, o.tamper_batch_size)
 
     def on_step_start(self, run) -> None:
         if self.options.anchor != "generation":

@@ -1,0 +1,98 @@
+"""WPN's tamper-resistance term (wpn_dist.app.tamper): the split of the simulated attack, its gradient
+against a closed-form reference, its injection into a ZeRO-3 engine's partitioned gradients, and a
+training run that uses it."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import REPO, run_ranks
+from wpn_dist.app import models
+from wpn_dist.app.data import EncodedExample, EncodedPair, lm_batch
+from wpn_dist.app.tamper import TamperTerm, split_groups
+from wpn_dist.core.methods.base import TamperSettings
+
+DATA = os.path.join(REPO, "tests", "data", "tiny.jsonl")
+
+
+def test_the_attack_split_keeps_each_group_on_one_side():
+    groups = ["a", "a", "b", "c", "c", "c", "d", "b"]
+    for seed in range(20):
+        attack, target = split_groups(groups, random.Random(seed))
+        assert sorted(attack + target) == list(range(len(groups)))
+        assert not {groups[i] for i in attack} & {groups[i] for i in target}
+        assert len({groups[i] for i in attack}) == 2 and len({groups[i] for i in target}) == 2
+
+
+def test_a_single_group_is_halved_by_example():
+    attack, target = split_groups(["x"] * 7, random.Random(0))
+    assert len(attack) == 3 and len(target) == 4 and not set(attack) & set(target)
+
+
+def test_the_attack_gradient_is_the_target_gradient_after_adams_first_step():
+    """With one attack step, AdamW (no weight decay) moves every weight by -lr * g / (|g| + eps), g the
+    attack loss's gradient: the target loss's gradient at those weights, computed here with
+    torch.func, is what the term returns."""
+    from torch.func import functional_call
+    tokenizer = models.load_tokenizer("tiny-opt")
+    model = models.load_model("tiny-opt", tokenizer, init="random", seed=0)
+    model.config.use_cache = False
+    ids = tokenizer("how do i make it ? sure , step one", add_special_tokens=True)["input_ids"]
+    harmful = EncodedPair(ids, prompt_length=5)
+    harmless = EncodedPair(tokenizer("how do i make it ? i can not help", add_special_tokens=True)["input_ids"], 5)
+    # Two groups: whichever way the split falls, example 0's harmful pair attacks and example 1's
+    # harmless pair is the target, or the other way round; give both examples the same pairs.
+    encoded = [EncodedExample(0, harmless, [harmful]), EncodedExample(1, harmless, [harmful])]
+    lr = 1e-2
+    term = TamperTerm(model, TamperSettings(weight=1.0, steps=1, lr=lr, batch_size=2), encoded, ["a", "b"],
+                      tokenizer.pad_token_id, seed=0)
+    start = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    grads, target_loss, attack_loss = term.attack_gradient(step=1, rank=0)
+
+    reference = models.load_model("tiny-opt", tokenizer, init="random", seed=0)
+    reference.config.use_cache = False
+    reference.load_state_dict(start)
+    attack_batch, target_batch = lm_batch([harmful, harmful], tokenizer.pad_token_id), lm_batch([harmless, harmless],
+                                                                                               tokenizer.pad_token_id)
+    names = [n for n, _ in reference.named_parameters()]
+    g = torch.autograd.grad(reference(**attack_batch).loss, list(reference.parameters()), allow_unused=True)
+    attacked = {n: (start[n] - lr * gi / (gi.abs() + 1e-8)) if gi is not None else start[n]
+                for n, gi in zip(names, g)}
+    attacked = {n: t.requires_grad_(True) for n, t in attacked.items()}
+    loss = functional_call(reference, attacked, args=(), kwargs=target_batch).loss
+    expected = torch.autograd.grad(loss, [attacked[n] for n in names], allow_unused=True)
+    assert float(target_loss) == pytest.approx(float(loss), rel=1e-5)
+    assert float(attack_loss) > 0
+    moved = 0
+    for name, got, want in zip(names, grads, expected):
+        want = torch.zeros_like(got) if want is None else want
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), name
+        moved += int(want.abs().sum() > 0)
+    assert moved > 10  # not a vacuous comparison of zeros
+
+
+@pytest.mark.parametrize("stage", [3, 0])
+def test_the_injected_gradient_moves_the_engines_weights(tmp_path, stage):
+    """Two CPU ranks: the term's copy of the engine's weights is exact; after a backward, ``add_gradients`` adds weight x the ranks' mean of a known
+    per-rank tensor; with SGD at lr 1 the weights after the step differ from a step without it by
+    exactly that (read back from the gathered weights, not through the gradient API)."""
+    out = tmp_path / "injected.json"
+    run_ranks(["tests/dist_scripts/tamper_injection.py", str(out), str(stage)])
+    result = json.loads(out.read_text())
+    assert result["checked"] > 10
+    assert result["max_error"] < 1e-6, result
+    assert result["copy_error"] == 0.0 and result["copy_norm"] > 0, result
+
+
+def test_a_toy_run_with_the_tamper_term_logs_it(tmp_path, toy_cache):
+    run = tmp_path / "run"
+    run_ranks(["wpn_dist/train.py", "--output_dir", str(run), "--steps", "3", "--log_every", "1",
+               "--evaluate", "false", "--tamper_weight", "1", "--tamper_steps", "2"], WPN_DIST_CACHE=toy_cache)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss/tamper" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    assert all(r["loss/tamper"] > 0 and r["tamper/attack_loss"] > 0 for r in losses)
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"]["tamper_weight"] == 1.0
