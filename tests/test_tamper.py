@@ -63,7 +63,7 @@ def test_the_attack_gradient_is_the_target_gradient_after_adams_first_step():
     attacked = {n: t.requires_grad_(True) for n, t in attacked.items()}
     loss = functional_call(reference, attacked, args=(), kwargs=target_batch).loss
     expected = torch.autograd.grad(loss, [attacked[n] for n in names], allow_unused=True)
-    assert float(target_loss) == pytest.approx(float(loss), rel=1e-5)
+    assert target_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     assert float(attack_loss) > 0
     moved = 0
     for name, got, want in zip(names, grads, expected):
