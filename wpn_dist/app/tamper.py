@@ -21,7 +21,16 @@ import random
 import torch
 
 from ..core.methods.base import TamperSettings
+from . import distributed
 from .data import lm_batch
+
+
+def _mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s mean over the ranks, in place (collective; the identity on one rank)."""
+    if distributed.world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+        tensor /= distributed.world_size()
+    return tensor
 
 
 def split_groups(groups: list, rng: random.Random) -> tuple:
@@ -84,15 +93,10 @@ class TamperTerm:
         return grads, target_loss.detach(), attack_loss.detach()
 
     def apply(self, engine, step: int) -> dict:
-        import torch.distributed as dist
-        rank = dist.get_rank() if dist.is_initialized() else 0
         self._copy_weights(engine)
-        grads, target_loss, attack_loss = self.attack_gradient(step, rank)
+        grads, target_loss, attack_loss = self.attack_gradient(step, distributed.rank())
         add_gradients(engine, grads, self.settings.weight)
-        values = torch.stack([target_loss, attack_loss]).float()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(values)
-            values /= dist.get_world_size()
+        values = _mean_over_ranks(torch.stack([target_loss, attack_loss]).float())
         return {"loss/tamper": values[0], "tamper/attack_loss": values[1]}
 
 
@@ -100,13 +104,8 @@ def add_gradients(engine, grads: list, weight: float) -> None:
     """Add ``weight`` times the mean over the ranks of each rank's ``grads`` (full tensors, in the order
     of ``engine.module.parameters()``) to the engine's gradients, after the window's last backward and
     before its step (collective). Under ZeRO each rank writes its own partition of the sum."""
-    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
-    world = dist.get_world_size() if dist.is_initialized() else 1
     for grad, param in zip(grads, engine.module.parameters()):
-        grad = grad.detach().float().clone()
-        if world > 1:
-            dist.all_reduce(grad)
-            grad /= world
+        grad = _mean_over_ranks(grad.detach().float().clone())
         full = safe_get_full_grad(param)
         safe_set_full_grad(param, full + weight * grad.to(full.dtype))

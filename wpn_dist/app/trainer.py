@@ -193,8 +193,9 @@ class Trainer:
         self.moved_aside = self._claim_run_dir(fresh=resume_from is None)
         distributed.print0(f"wpn_dist: run directory {self.run_dir}; world size {distributed.world_size()}; "
                            f"{inputs.notes}")
-        # 2. Model and engine (the toy world's base model is implanted once, on rank 0, and cached).
-        self.engine, self.reference = self._build_engines()
+        # 2. Model and engine, and the reference and tamper term the method may need (the toy world's
+        #    base model is implanted once, on rank 0, and cached).
+        self.engine, self.reference, self.tamper = self._build_engines()
         if self.moved_aside and distributed.is_main():  # the new run has started: the old one can go
             shutil.rmtree(self.moved_aside, ignore_errors=True)
         # 3. Where the loop stands: step, data cursor, evaluation results.
@@ -234,8 +235,8 @@ class Trainer:
         return aside
 
     def _build_engines(self) -> tuple:
-        """The DeepSpeed engine of the model being unlearned and, if the method needs it, the frozen
-        original as a second engine. Under ZeRO-3 an HfDeepSpeedConfig must exist while from_pretrained
+        """The DeepSpeed engine of the model being unlearned; if the method needs them, the frozen
+        original as a second engine and the tamper term (else None). Under ZeRO-3 an HfDeepSpeedConfig must exist while from_pretrained
         runs, so that weights are partitioned as they load instead of materialising on every rank."""
         from . import engine as engine_lib, models
         cfg = self.cfg
@@ -273,18 +274,18 @@ class Trainer:
                 self.inputs.batches.layout = "padded"
         engine, _, _ = engine_lib.initialize(model, ds_config)
         reference = engine_lib.initialize_reference(reference, ds_config) if reference is not None else None
-        self.tamper = None
+        tamper = None
         if adversary is not None:
             adversary.config.use_cache = False
             by_id = self.inputs.batches.examples
             # An example without a group is a group of its own.
             groups = [by_id[e.example_id].group or f"\0{e.example_id}" for e in self.inputs.encoded]
-            self.tamper = TamperTerm(adversary.to(engine.device), self.method.tamper_settings(), self.inputs.encoded,
+            tamper = TamperTerm(adversary.to(engine.device), self.method.tamper_settings(), self.inputs.encoded,
                                      groups, self.tokenizer.pad_token_id, cfg.train.seed)
             gib = sum(p.numel() * p.element_size() for p in adversary.parameters()) / 2 ** 30
             distributed.print0(f"wpn_dist: the tamper term attacks a whole copy of the model on every rank: "
                                f"{gib:.3g} GiB of weights, about 4x that with its gradients and AdamW state")
-        return engine, reference
+        return engine, reference, tamper
 
     # --- the state a checkpoint holds beside DeepSpeed's ------------------------------------
 
