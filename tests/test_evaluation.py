@@ -129,22 +129,37 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
 
 def test_toybench_reuses_a_finished_run_only_with_the_same_options(tmp_path):
     """A changed --train_args (or --steps, or seed) must rerun a run, not reuse one that was trained
-    otherwise under the same name; so must a run whose options were never recorded."""
-    from wpn_dist.bench.toybench import OPTIONS_FILE, reusable
+    otherwise under the same name; so must a run whose options were never recorded, and one made when a
+    default it ran with was another (its config.json says what it ran with)."""
+    from wpn_dist.bench.toybench import OPTIONS_FILE, stale_reason
     run = tmp_path / "wpn"
     run.mkdir()
     options = ["--steps", "120", "--method", "wpn"]
+    assert stale_reason(str(run), options, needs_before=False) == "not run yet"
     (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}}}))
-    assert not reusable(str(run), options, needs_before=False)  # no options recorded
+    assert stale_reason(str(run), options, needs_before=False) == "it has no record of its options"
     (run / OPTIONS_FILE).write_text(json.dumps(options))
-    assert reusable(str(run), options, needs_before=False)
-    assert not reusable(str(run), options + ["--forget_weight", "0.05"], needs_before=False)
-    assert not reusable(str(run), ["--steps", "60", "--method", "wpn"], needs_before=False)
+    # What a run of the toy world's WPN with these options resolved to (a few of config.json's entries;
+    # one it lacks is an option added since, not compared). It was written elsewhere, and --max_length
+    # was resolved from the data: neither is compared.
+    ran = {"method": {"method": "wpn", "retention_weight": 4.0, "recovery_cuts": 3, "tamper_weight": 0.0},
+           "train": {"steps": 120, "lr": 5e-4, "output_dir": "/elsewhere/wpn", "export_dtype": "bf16"},
+           "data": {"max_length": 64, "normal_data": "toy"}}
+    (run / "config.json").write_text(json.dumps(ran))
+    assert stale_reason(str(run), options, needs_before=False) is None
+    assert stale_reason(str(run), options + ["--forget_weight", "0.05"], needs_before=False) == "it ran with other options"
+    assert stale_reason(str(run), ["--steps", "60", "--method", "wpn"], needs_before=False) == "it ran with other options"
+    # Made when the retention weight's default was 1 and the toy lr 1e-4: both changed since.
+    ran["method"]["retention_weight"], ran["train"]["lr"] = 1.0, 1e-4
+    (run / "config.json").write_text(json.dumps(ran))
+    assert stale_reason(str(run), options, needs_before=False) == \
+        "defaults changed since it ran (--retention_weight: 1.0 -> 4.0, --lr: 0.0001 -> 0.0005)"
+    ran["method"]["retention_weight"], ran["train"]["lr"] = 4.0, 5e-4
+    (run / "config.json").write_text(json.dumps(ran))
     # The first run of a table supplies the evaluation before unlearning: one that skipped it is rerun.
-    assert not reusable(str(run), options, needs_before=True)
+    assert stale_reason(str(run), options, needs_before=True) == "it did not evaluate the model before unlearning"
     (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}, "before": {}}}))
-    assert reusable(str(run), options, needs_before=True)
-    assert not reusable(str(tmp_path / "never_run"), options, needs_before=False)
+    assert stale_reason(str(run), options, needs_before=True) is None
 
 
 def test_other_topic_share_counts_the_topics_that_share_a_harm_word():

@@ -13,8 +13,8 @@ responses (their per-token log-likelihood), and by the relearning attack (wpn_di
 
 Writes ``DIR/results.json`` (every number), ``DIR/results.md`` (the table) and ``DIR/results.png``
 (harmless rate per split, utility and wall time per run). Every run keeps its own run directory
-under ``DIR/runs/``; a rerun skips the runs that finished with the same options (a changed --train_args,
---steps or seed runs them again), and a run that fails is recorded as failed
+under ``DIR/runs/``; a rerun skips the runs that finished with the same options and the same resolved
+config (a changed --train_args, --steps, seed or default runs them again), and a run that fails is recorded as failed
 while the others go on.
 """
 import json
@@ -112,20 +112,63 @@ RELEARN_STEPS = (5, 20)
 
 
 OPTIONS_FILE = "toybench_options.json"  # in a run directory: the train.py options it ran with
+# Every run exports its model, where the relearning attack starts; in bf16, as the committed tables in
+# docs/toybench were measured (the trainer's default is the training dtype, fp32 here).
+RUN_FLAGS = ["--export_hf", "true", "--export_dtype", "bf16"]
+# config.json entries that say where a run writes and what it keeps, not what it trains or measures.
+NOT_COMPARED = {"train": {"output_dir", "overwrite_output_dir", "export_dir", "export_max_shard_size", "local_rank",
+                          "resume", "save_every", "keep_checkpoints", "log_every"},
+                "eval": {"evaluate_before"}}  # needs_before decides that one
 
 
-def reusable(run_dir: str, options: list, needs_before: bool) -> bool:
-    """Whether a finished run in ``run_dir`` can stand for a run with ``options``: it ran with exactly
-    these (a changed --train_args, --steps or seed reruns it; a run from before the options were
-    recorded is rerun too), and it evaluated the model before unlearning if that is wanted of it."""
-    summary_path, options_path = os.path.join(run_dir, "summary.json"), os.path.join(run_dir, OPTIONS_FILE)
-    if not (os.path.isfile(summary_path) and os.path.isfile(options_path)):
-        return False
-    with open(options_path) as f:
+def resolved_config(options: list) -> dict:
+    """The config train.py resolves from ``options``, defaults filled in, as its config.json holds it."""
+    import contextlib
+    import io
+    from ..app.config import parse_config
+    from ..app.trainer import resolve_defaults
+    cfg = parse_config(list(options))
+    with contextlib.redirect_stdout(io.StringIO()):  # its notes are the run's to print
+        resolve_defaults(cfg)
+    return cfg.to_dict()
+
+
+def config_changes(ran: dict, wanted: dict) -> list:
+    """"--name: old -> new" for every option whose resolved value differs between a run's config.json
+    (``ran``) and ``wanted``. Not compared: an option the run's config lacks (added after it ran, off by
+    default as every new option is) and one ``wanted`` leaves None (the run resolves it from its model
+    and data, e.g. --max_length)."""
+    changes = []
+    for group, values in wanted.items():
+        for name, value in values.items():
+            if name in NOT_COMPARED.get(group, ()) or name not in ran.get(group, {}) or value is None:
+                continue
+            if ran[group][name] != value:
+                changes.append(f"--{name}: {ran[group][name]} -> {value}")
+    return changes
+
+
+def stale_reason(run_dir: str, options: list, needs_before: bool) -> str | None:
+    """Why a finished run in ``run_dir`` cannot stand for a run with ``options`` (None: it can). It
+    must have run with exactly these options (a changed --train_args, --steps or seed reruns it; a run
+    from before the options were recorded is rerun too) and with the same resolved config (a default
+    changed since it ran reruns it), and have evaluated the model before unlearning if that is wanted."""
+    paths = {name: os.path.join(run_dir, name) for name in ("summary.json", OPTIONS_FILE, "config.json")}
+    if not os.path.isfile(paths["summary.json"]):
+        return "not run yet"
+    if not (os.path.isfile(paths[OPTIONS_FILE]) and os.path.isfile(paths["config.json"])):
+        return "it has no record of its options"
+    with open(paths[OPTIONS_FILE]) as f:
         if json.load(f) != options:
-            return False
-    with open(summary_path) as f:
-        return not needs_before or "before" in json.load(f).get("evaluation", {})
+            return "it ran with other options"
+    with open(paths["config.json"]) as f:
+        changes = config_changes(json.load(f), resolved_config(RUN_FLAGS + options))
+    if changes:
+        return "defaults changed since it ran (" + ", ".join(changes) + ")"
+    with open(paths["summary.json"]) as f:
+        if needs_before and "before" not in json.load(f).get("evaluation", {}):
+            return "it did not evaluate the model before unlearning"
+    return None
 
 
 def run_one(name: str, args: list, out: str, ranks: int, common: list, world, seed: int, needs_before: bool = True,
@@ -134,17 +177,14 @@ def run_one(name: str, args: list, out: str, ranks: int, common: list, world, se
     run_dir = os.path.join(out, "runs", name.replace(" ", "_").replace("=", "-"))
     summary_path = os.path.join(run_dir, "summary.json")
     options = common + args
-    if reusable(run_dir, options, needs_before):
+    reason = stale_reason(run_dir, options, needs_before)
+    if reason is None:
         log(f"toybench: {name}: done before, skipped")
     else:
         if os.path.isfile(summary_path):
-            log(f"toybench: {name}: the run in {run_dir} had other options (or none recorded): run again")
+            log(f"toybench: {name}: the run in {run_dir} cannot be reused ({reason}): run again")
         command = launcher(ranks) + [os.path.join(REPO, "wpn_dist", "train.py"), "--output_dir", run_dir,
-                                     "--overwrite_output_dir", "--export_hf", "true",
-                                     # The relearning attack starts from this export; bf16, as the
-                                     # committed tables in docs/toybench were measured (the trainer's
-                                     # default is now the training dtype, fp32 here).
-                                     "--export_dtype", "bf16"] + options + \
+                                     "--overwrite_output_dir"] + RUN_FLAGS + options + \
             ([] if needs_before else ["--evaluate_before", "false"])
         log(f"toybench: {name}: {' '.join(command[3:])}")
         started = time.time()
