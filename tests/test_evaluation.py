@@ -137,7 +137,7 @@ def test_toybench_reuses_a_finished_run_only_with_the_same_options(tmp_path):
     options = ["--steps", "120", "--method", "wpn"]
     assert stale_reason(str(run), options, needs_before=False) == "not run yet"
     (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}}}))
-    assert stale_reason(str(run), options, needs_before=False) == "it has no record of its options"
+    assert stale_reason(str(run), options, needs_before=False) == "it has no record of its options or of its config"
     (run / OPTIONS_FILE).write_text(json.dumps(options))
     # What a run of the toy world's WPN with these options resolved to (a few of config.json's entries;
     # one it lacks is an option added since, not compared). It was written elsewhere, and --max_length
@@ -149,6 +149,9 @@ def test_toybench_reuses_a_finished_run_only_with_the_same_options(tmp_path):
     assert stale_reason(str(run), options, needs_before=False) is None
     assert stale_reason(str(run), options + ["--forget_weight", "0.05"], needs_before=False) == "it ran with other options"
     assert stale_reason(str(run), ["--steps", "60", "--method", "wpn"], needs_before=False) == "it ran with other options"
+    (run / OPTIONS_FILE).write_text(json.dumps(options + ["--lr", "-1"]))  # the run failed on it
+    assert stale_reason(str(run), options + ["--lr", "-1"], needs_before=False).startswith("its options are refused now: --lr")
+    (run / OPTIONS_FILE).write_text(json.dumps(options))
     # Made when the retention weight's default was 1 and the toy lr 1e-4: both changed since.
     ran["method"]["retention_weight"], ran["train"]["lr"] = 1.0, 1e-4
     (run / "config.json").write_text(json.dumps(ran))

@@ -157,12 +157,16 @@ def stale_reason(run_dir: str, options: list, needs_before: bool) -> str | None:
     if not os.path.isfile(paths["summary.json"]):
         return "not run yet"
     if not (os.path.isfile(paths[OPTIONS_FILE]) and os.path.isfile(paths["config.json"])):
-        return "it has no record of its options"
+        return "it has no record of its options or of its config"
     with open(paths[OPTIONS_FILE]) as f:
         if json.load(f) != options:
             return "it ran with other options"
+    try:
+        wanted = resolved_config(RUN_FLAGS + options)
+    except ValueError as e:  # ConfigError: the run, launched again, fails with it and is recorded as failed
+        return f"its options are refused now: {e}"
     with open(paths["config.json"]) as f:
-        changes = config_changes(json.load(f), resolved_config(RUN_FLAGS + options))
+        changes = config_changes(json.load(f), wanted)
     if changes:
         return "defaults changed since it ran (" + ", ".join(changes) + ")"
     with open(paths["summary.json"]) as f:
