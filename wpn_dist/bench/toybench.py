@@ -70,6 +70,13 @@ ABLATION = {
     "wpn tamper=1 retention=8": ["--tamper_weight", "1", "--retention_weight", "8"],
     "wpn tamper=1 npair=0": ["--tamper_weight", "1", "--npair_weight", "0"],  # what the N-pair term adds beside it
     "wpn tamper=1 tamper_steps=50 tamper_lr=1e-3": ["--tamper_weight", "1", "--tamper_steps", "50", "--tamper_lr", "1e-3"],
+    # Seed 2's QA against seed 0's relearning: a lower lr and more retention, at three weights.
+    "wpn tamper=1 lr=3e-4 retention=8": ["--tamper_weight", "1", "--lr", "3e-4", "--retention_weight", "8"],
+    "wpn tamper=2 lr=3e-4 retention=8": ["--tamper_weight", "2", "--lr", "3e-4", "--retention_weight", "8"],
+    "wpn tamper=3 lr=3e-4 retention=8": ["--tamper_weight", "3", "--lr", "3e-4", "--retention_weight", "8"],
+    # ... and weight 1 against a simulated attack at twice the benchmark's lr.
+    "wpn tamper=1 lr=3e-4 retention=8 tamper_lr=1e-3": ["--tamper_weight", "1", "--lr", "3e-4", "--retention_weight", "8",
+                                                        "--tamper_lr", "1e-3"],
     # The defaults for data without normal data, and what the recovery cuts do there.
     "wpn no normal data": NO_NORMAL_DATA,
     "wpn no normal data lr=1e-4": NO_NORMAL_DATA + ["--lr", "1e-4"],
