@@ -1,5 +1,6 @@
 """wpn_dist.memory: model states agree with DeepSpeed's estimators; activations, micro-batch, CLI."""
 import functools
+import json
 import math
 import os
 import subprocess
@@ -24,6 +25,12 @@ def plan_for(model, nodes, gpus_per_node, **kw):
                 gpu_memory_gib=80, **kw)
 
 
+def plan_of(model, num_params, nodes, gpus_per_node, **kw):
+    """``plan_for`` a model of ``num_params`` parameters (one built or loaded, not the spec)."""
+    return plan(**dict(sizes(model), num_params=num_params), nodes=nodes, gpus_per_node=gpus_per_node,
+                seq_len=2048, gpu_memory_gib=80, **kw)
+
+
 def row(p, stage, offload):
     return next(r for r in p["rows"] if r["stage"] == stage and r["offload"] == offload)
 
@@ -36,7 +43,8 @@ def test_model_states_match_deepspeed_estimators(model, nodes, gpus_per_node, of
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     s = sizes(model)
-    p = plan_for(model, nodes, gpus_per_node, zero_init=zero_init)
+    # DeepSpeed's estimators count one engine with its optimizer: no frozen model, no tamper copy.
+    p = plan_for(model, nodes, gpus_per_node, zero_init=zero_init, frozen_model=False)
     off = "cpu" if offload else "none"
 
     cpu2, gpu2 = estimate_zero2_model_states_mem_needs(s["num_params"], gpus_per_node, nodes, offload, 1.5)
@@ -54,10 +62,52 @@ def test_model_states_match_deepspeed_estimators(model, nodes, gpus_per_node, of
     assert r3["gpu_bytes"]["gather"] == largest3
     assert r2["gpu_bytes"]["gather"] == 0
     # ZeRO-3 offloading the optimizer only: the 16-bit weights stay partitioned on the GPUs.
-    r3 = row(plan_for(model, nodes, gpus_per_node, zero_init=zero_init, offload_params=False), 3, off)
+    r3 = row(plan_for(model, nodes, gpus_per_node, zero_init=zero_init, offload_params=False, frozen_model=False), 3, off)
     cpu3, gpu3, _ = estimate_zero3_model_states_mem_needs(
         s["num_params"], s["largest_layer_params"], gpus_per_node, nodes, offload, False, zero_init, 1.5)
     assert abs(r3["gpu_bytes"]["total"] - gpu3) <= 1 and abs(r3["cpu_per_node_bytes"]["total"] - cpu3) <= 1
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_the_frozen_model_is_counted_as_deepspeed_holds_it(tmp_path, stage):
+    """The frozen original model's engine, built on 2 ranks as the trainer builds it: under ZeRO-3 each
+    rank holds a partition, under ZeRO-2 (a stage-0 engine) the whole model; the plan's 16-bit bytes
+    per GPU are those elements times 2 (DeepSpeed pads each partition to the ranks: a few elements)."""
+    from conftest import run_ranks
+    out = tmp_path / "held.json"
+    run_ranks(["tests/dist_scripts/frozen_partition.py", str(out), str(stage)])
+    held = json.loads(out.read_text())
+    # The loaded model's own count (its embedding fits the tokenizer, not the spec's vocabulary).
+    p = plan_of("tiny-opt", held["total"], 1, 2)
+    planned = row(p, stage, "none")["gpu_bytes"]["frozen"] / 2
+    for elements in held["held"]:
+        assert 0 <= elements - planned <= held["tensors"], (held, planned)
+    assert row(plan_for("tiny-opt", 1, 2, frozen_model=False), stage, "none")["gpu_bytes"]["frozen"] == 0
+    if stage == 3:  # offloaded with the weights: on the host, a node's share
+        r = row(p, 3, "cpu")
+        assert r["gpu_bytes"]["frozen"] == 0 and r["cpu_per_node_bytes"]["frozen"] == 2 * held["total"]
+
+
+def test_the_tamper_copy_is_counted_as_torch_holds_it():
+    """The tamper term's copy after one AdamW step, in 16 bits as a bf16 run loads it: its weights,
+    gradients and optimizer state (step counters aside) are the plan's bytes, on every GPU."""
+    import torch
+    from wpn_dist.app import models
+    tokenizer = models.load_tokenizer("tiny-opt")
+    copy = models.load_model("tiny-opt", tokenizer, init="random", seed=0, dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-3, fused=True)
+    ids = torch.randint(0, len(tokenizer), (2, 8))
+    copy(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    params = list(copy.parameters())
+    held = sum(t.numel() * t.element_size() for p in params for t in (p, p.grad))
+    held += sum(v.numel() * v.element_size() for state in optimizer.state.values() for k, v in state.items()
+                if k != "step")
+    count = sum(p.numel() for p in params)
+    for nodes, gpus in ((1, 2), (2, 8)):
+        p = plan_of("tiny-opt", count, nodes, gpus, tamper_copy=True)
+        assert {row(p, s, o)["gpu_bytes"]["tamper"] for s in (2, 3) for o in ("none", "cpu")} == {held}
+    assert row(plan_for("tiny-opt", 1, 2), 3, "none")["gpu_bytes"]["tamper"] == 0
 
 
 def test_counts_match_models_and_deepspeed():

@@ -13,6 +13,14 @@ per parameter:
     optim   fp32 master weights 4 + Adam momentum 4 + variance 4 = 12; partitioned
     gather  ZeRO-3 only: 2+2 (16-bit weight and grad) of the largest module, gathered whole
 
+Beside them, what wpn_dist's methods add (``--frozen_model``, ``--tamper_copy``):
+
+    frozen  the frozen original model, a second engine without optimizer (WPN's default: its N-pair
+            candidates and retention term; the KL baselines): 2, partitioned like the weights under
+            ZeRO-3 (and offloaded with them), whole on every GPU under ZeRO-2 (a stage-0 engine)
+    tamper  the tamper-resistance term's attacked copy (--tamper_weight): a plain model on every GPU
+            with its gradients and AdamW's two moments, all 16-bit: 8, never partitioned
+
 With ``--offload cpu`` the optimizer (and, under ZeRO-3, the parameters: ds_configs/zero3_offload.json
 offloads both) move to host memory. Host memory per node is DeepSpeed's number: the larger of the
 offloaded states and the fp32 copies made while loading the model, times a 1.5 buffer factor.
@@ -58,6 +66,13 @@ class MemoryOptions:
     precision: Literal["bf16", "fp16"] = field(default="bf16", metadata={"help": "16-bit mixed precision."})
     keep_checkpoints: int = field(default=2, metadata={
         "help": "The trainer's --keep_checkpoints: for the disk figures (checkpoints kept, plus one being written)."})
+    frozen_model: bool = field(default=True, metadata={
+        "help": "Count the frozen original model the run holds as a second engine (WPN's default, for its N-pair "
+                "candidates and retention term, and the baselines' KL terms). --no_frozen_model: a run without "
+                "one (e.g. --frozen_side none --retention_weight 0, GA, NPO)."})
+    tamper_copy: bool = field(default=False, metadata={
+        "help": "Count the tamper-resistance term's attacked copy (--tamper_weight > 0): a whole model with its "
+                "gradients and AdamW state on every GPU."})
     zero_init: bool = field(default=True, metadata={
         "help": "Model built under deepspeed.zero.Init. --no_zero_init (or --no-zero-init): built without it, "
                 "as wpn_dist's random init does, so each process holds the whole fp32 model while loading."})
@@ -73,7 +88,7 @@ class MemoryOptions:
 
 
 _DEFAULT = {name: getattr(MemoryOptions, name) for name in ("reserve_gib", "offload", "negatives", "zero_init",
-                                                             "precision")}
+                                                             "precision", "frozen_model", "tamper_copy")}
 
 
 def count_model(model):
@@ -128,9 +143,11 @@ def activation_bytes_per_sequence(seq_len, num_layers, hidden_size, num_heads, v
 
 
 def model_states(stage, offload, num_params, largest_layer_params, nodes, gpus_per_node,
-                 offload_params=True, zero_init=True, buffer_factor=1.5) -> dict:
-    """Bytes of model states: per GPU (params, grads, optim, gather, total) and host memory per node
-    (params, grads, optim, load, total), summing to DeepSpeed's estimator totals for the same inputs.
+                 offload_params=True, zero_init=True, buffer_factor=1.5, frozen_model=False,
+                 tamper_copy=False) -> dict:
+    """Bytes of model states: per GPU (params, grads, optim, gather, frozen, tamper, total) and host
+    memory per node (params, grads, optim, frozen, load, total). Without the frozen model and the
+    tamper copy they sum to DeepSpeed's estimator totals for the same inputs.
 
     Host ``total`` = max(params + grads + optim, load) * buffer_factor, where ``load`` is the fp32
     copies made while loading. The counts are DeepSpeed's, including two of its choices: ZeRO-2
@@ -138,8 +155,8 @@ def model_states(stage, offload, num_params, largest_layer_params, nodes, gpus_p
     the job; ZeRO-3 offload with zero.Init counts no load copies.
     """
     P, n_gpus = num_params, nodes * gpus_per_node
-    gpu = dict(params=0.0, grads=0.0, optim=0.0, gather=0.0)
-    cpu = dict(params=0.0, grads=0.0, optim=0.0, load=0.0)
+    gpu = dict(params=0.0, grads=0.0, optim=0.0, gather=0.0, frozen=0.0, tamper=0.0)
+    cpu = dict(params=0.0, grads=0.0, optim=0.0, frozen=0.0, load=0.0)
     if stage == 2:
         gpu["params"] = 2 * P  # 16-bit weights stay whole on every GPU
         if offload:
@@ -161,15 +178,25 @@ def model_states(stage, offload, num_params, largest_layer_params, nodes, gpus_p
             cpu.update(grads=4 * P / nodes, optim=12 * P / nodes, load=0 if zero_init else load)
     else:
         raise ValueError(f"ZeRO stage must be 2 or 3, got {stage}")
+    if frozen_model:  # 16-bit weights, partitioned and offloaded as the trained model's are (engine.py)
+        if stage == 2:
+            gpu["frozen"] = 2 * P
+        elif offload and offload_params:
+            cpu["frozen"] = 2 * P / nodes
+        else:
+            gpu["frozen"] = 2 * P / n_gpus
+    if tamper_copy:  # weights, gradients and AdamW's two moments of a plain 16-bit model (tamper.py)
+        gpu["tamper"] = 8 * P
     gpu["total"] = sum(gpu.values())
-    cpu["total"] = max(cpu["params"] + cpu["grads"] + cpu["optim"], cpu["load"]) * buffer_factor
+    cpu["total"] = max(cpu["params"] + cpu["grads"] + cpu["optim"] + cpu["frozen"], cpu["load"]) * buffer_factor
     return dict(gpu_bytes=gpu, cpu_per_node_bytes=cpu)
 
 
 def plan(num_params, largest_layer_params, num_layers, hidden_size, num_heads, vocab_size,
          nodes, gpus_per_node, seq_len, gpu_memory_gib, reserve_gib=_DEFAULT["reserve_gib"],
          offload=_DEFAULT["offload"], offload_params=True, zero_init=_DEFAULT["zero_init"], buffer_factor=1.5,
-         precision=_DEFAULT["precision"], negatives=_DEFAULT["negatives"]) -> dict:
+         precision=_DEFAULT["precision"], negatives=_DEFAULT["negatives"], frozen_model=_DEFAULT["frozen_model"],
+         tamper_copy=_DEFAULT["tamper_copy"]) -> dict:
     """Model states and largest micro-batch for ZeRO-2/3 with and without CPU offload.
 
     The micro-batch counts examples, as the trainer's ``--micro_batch_size``: each example is
@@ -201,7 +228,8 @@ def plan(num_params, largest_layer_params, num_layers, hidden_size, num_heads, v
         for off in ("none", "cpu"):
             row = dict(stage=stage, offload=off, selected=(off == offload))
             row.update(model_states(stage, off == "cpu", num_params, largest_layer_params, nodes,
-                                    gpus_per_node, offload_params, zero_init, buffer_factor))
+                                    gpus_per_node, offload_params, zero_init, buffer_factor, frozen_model,
+                                    tamper_copy))
             row["gpu_per_node_bytes"] = {k: v * gpus_per_node for k, v in row["gpu_bytes"].items()}
             free = (gpu_memory_gib - reserve_gib) * GIB - row["gpu_bytes"]["total"]
             row["free_for_activations_bytes"] = free
@@ -217,6 +245,7 @@ def plan(num_params, largest_layer_params, num_layers, hidden_size, num_heads, v
 def format_plan(p: dict, model_name: str) -> str:
     inp, act, seqs = p["inputs"], p["activation_bytes_per_sequence"], p["sequences_per_example"]
     parts = ("params", "grads", "optim")
+    gpu_parts = parts + ("gather", "frozen", "tamper", "total")
     cols = lambda names: "".join(f"{n:>9}" for n in names)  # noqa: E731
     gib = lambda d, names: "".join(f"{d[n] / GIB:9.1f}" for n in names)  # noqa: E731
     lines = [
@@ -230,20 +259,23 @@ def format_plan(p: dict, model_name: str) -> str:
         f"micro-batch = examples per GPU per forward pass, as the trainer's --micro_batch_size; an example is "
         f"1 + K = {seqs} sequence(s) of {inp['seq_len']} tokens (--negatives {inp['negatives']})",
         "",
-        f"{'':<62}|{'max micro-batch: examples (seqs)':^34}",
-        f"{'Per GPU (GiB)':<17}{cols(parts + ('gather', 'total'))} |{'no ckpt':>17}{'ckpt':>17}",
+        "frozen = the frozen original model's engine (" + ("counted" if inp["frozen_model"] else "not counted: --no_frozen_model")
+        + "); tamper = the tamper term's attacked copy (" + ("counted" if inp["tamper_copy"] else "not counted: --tamper_copy to count it") + ")",
+        "",
+        f"{'':<80}|{'max micro-batch: examples (seqs)':^34}",
+        f"{'Per GPU (GiB)':<17}{cols(gpu_parts)} |{'no ckpt':>17}{'ckpt':>17}",
     ]
     for r in p["rows"]:
         mb, sq = r["max_micro_batch"], r["max_micro_batch_sequences"]
-        lines.append(f"{_label(r)}{gib(r['gpu_bytes'], parts + ('gather', 'total'))} |"
+        lines.append(f"{_label(r)}{gib(r['gpu_bytes'], gpu_parts)} |"
                      + "".join(f"{f'{mb[m]} ({sq[m]})':>17}" for m in ("full", "checkpointed"))
                      + ("" if r["fits"] else "  (model states alone do not fit)"))
-    lines += ["", f"{'Per node (GiB)':<17}{'--- on the GPUs ---':^45} |{'--- in host memory ---':^45}",
-              f"{'':<17}{cols(parts + ('gather', 'total'))} |{cols(parts + ('load*', 'total'))}"]
+    lines += ["", f"{'Per node (GiB)':<17}{'--- on the GPUs ---':^63} |{'--- in host memory ---':^54}",
+              f"{'':<17}{cols(gpu_parts)} |{cols(parts + ('frozen', 'load*', 'total'))}"]
     for r in p["rows"]:
-        lines.append(f"{_label(r)}{gib(r['gpu_per_node_bytes'], parts + ('gather', 'total'))} |"
-                     f"{gib(r['cpu_per_node_bytes'], parts + ('load', 'total'))}")
-    lines += ["", "load* = fp32 copies made while loading the model; host total = max(params + grads + optim,"
+        lines.append(f"{_label(r)}{gib(r['gpu_per_node_bytes'], gpu_parts)} |"
+                     f"{gib(r['cpu_per_node_bytes'], parts + ('frozen', 'load', 'total'))}")
+    lines += ["", "load* = fp32 copies made while loading the model; host total = max(params + grads + optim + frozen,"
                   f" load) x {inp['buffer_factor']:g}, as DeepSpeed's estimators count it",
               "(for ZeRO-2 offload DeepSpeed counts one fp32 copy per GPU of the whole job).",
               f"Activations per sequence: {act['full'] / GIB:.2f} GiB without checkpointing, "
@@ -272,7 +304,8 @@ def main(argv=None) -> int:
         return 2
     p = plan(**sizes, nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len,
              gpu_memory_gib=args.gpu_memory_gib, reserve_gib=args.reserve_gib, offload=args.offload,
-             zero_init=args.zero_init, precision=args.precision, negatives=args.negatives)
+             zero_init=args.zero_init, precision=args.precision, negatives=args.negatives,
+             frozen_model=args.frozen_model, tamper_copy=args.tamper_copy)
     print(format_plan(p, args.model))
     from ..app.checkpoint import describe_disk, disk_needs
     print(describe_disk(disk_needs(sizes["num_params"], args.precision, args.keep_checkpoints, BYTES_16BIT),
