@@ -149,7 +149,7 @@ def model_states(stage, offload, num_params, largest_layer_params, nodes, gpus_p
     memory per node (params, grads, optim, frozen, load, total). Without the frozen model and the
     tamper copy they sum to DeepSpeed's estimator totals for the same inputs.
 
-    Host ``total`` = max(params + grads + optim, load) * buffer_factor, where ``load`` is the fp32
+    Host ``total`` = max(params + grads + optim + frozen, load) * buffer_factor, where ``load`` is the fp32
     copies made while loading. The counts are DeepSpeed's, including two of its choices: ZeRO-2
     offload keeps the whole model's optimizer on every host and counts load copies for all GPUs of
     the job; ZeRO-3 offload with zero.Init counts no load copies.
