@@ -236,8 +236,9 @@ class Trainer:
 
     def _build_engines(self) -> tuple:
         """The DeepSpeed engine of the model being unlearned; if the method needs them, the frozen
-        original as a second engine and the tamper term (else None). Under ZeRO-3 an HfDeepSpeedConfig must exist while from_pretrained
-        runs, so that weights are partitioned as they load instead of materialising on every rank."""
+        original as a second engine and the tamper term (else None). Under ZeRO-3 an HfDeepSpeedConfig
+        must exist while from_pretrained runs, so that weights are partitioned as they load instead of
+        materialising on every rank."""
         from . import engine as engine_lib, models
         cfg = self.cfg
         model_name = self.inputs.sources.model
@@ -281,7 +282,7 @@ class Trainer:
             # An example without a group is a group of its own.
             groups = [by_id[e.example_id].group or f"\0{e.example_id}" for e in self.inputs.encoded]
             tamper = TamperTerm(adversary.to(engine.device), self.method.tamper_settings(), self.inputs.encoded,
-                                     groups, self.tokenizer.pad_token_id, cfg.train.seed)
+                                groups, self.tokenizer.pad_token_id, cfg.train.seed)
             gib = sum(p.numel() * p.element_size() for p in adversary.parameters()) / 2 ** 30
             distributed.print0(f"wpn_dist: the tamper term attacks a whole copy of the model on every rank: "
                                f"{gib:.3g} GiB of weights, about 4x that with its gradients and AdamW state")
