@@ -12,10 +12,10 @@ from wpn_dist.bench import seeds, toybench
 
 DOCS = os.path.join(REPO, "docs", "toybench")
 SEEDS = ("seed0", "seed1", "seed2", "seed3", "seed4")  # the seeds table
-# Every committed results file: the tables, made on the toy world's fixed CPU kernels, and seed 0's wpn
-# and sft rows on this machine's own kernels (torch's AVX512 ones) and with torch's AVX2 kernels alone,
-# to show what the fixed kernels are for.
-RENDERED = SEEDS + ("seed0-native", "seed0-avx2")
+# Every committed results file: the tables and seeds 5-7's check of the tuned tamper settings, made on the toy
+# world's fixed CPU kernels, and seed 0's wpn and sft rows on this machine's own kernels (torch's AVX512
+# ones) and with torch's AVX2 kernels alone, to show what the fixed kernels are for.
+RENDERED = SEEDS + ("seed5", "seed6", "seed7", "seed0-native", "seed0-avx2")
 
 
 def results(name: str) -> dict:
@@ -44,7 +44,7 @@ def test_each_seed_table_is_its_results_file_rendered(name):
 
 
 def test_the_tables_were_made_on_the_fixed_kernels_and_the_comparison_on_the_machines_own():
-    for name in SEEDS:
+    for name in SEEDS + ("seed5", "seed6", "seed7"):
         assert results(name)["versions"]["cpu_kernels"] == kernels.PINNED, name
     native = results("seed0-native")["versions"]
     assert native["cpu_kernels"] == dict.fromkeys(kernels.PINNED) and native["cpu_capability"] == "AVX512"
