@@ -21,14 +21,10 @@ def sizes(model):
 
 
 def plan_for(model, nodes, gpus_per_node, **kw):
-    return plan(**sizes(model), nodes=nodes, gpus_per_node=gpus_per_node, seq_len=2048,
-                gpu_memory_gib=80, **kw)
-
-
-def plan_of(model, num_params, nodes, gpus_per_node, **kw):
-    """``plan_for`` a model of ``num_params`` parameters (one built or loaded, not the spec)."""
-    return plan(**dict(sizes(model), num_params=num_params), nodes=nodes, gpus_per_node=gpus_per_node,
-                seq_len=2048, gpu_memory_gib=80, **kw)
+    """The plan of the spec ``model``; a size in ``kw`` (e.g. ``num_params`` of a model built or loaded)
+    replaces the spec's."""
+    model_sizes = {name: kw.pop(name, value) for name, value in sizes(model).items()}
+    return plan(**model_sizes, nodes=nodes, gpus_per_node=gpus_per_node, seq_len=2048, gpu_memory_gib=80, **kw)
 
 
 def row(p, stage, offload):
@@ -78,7 +74,7 @@ def test_the_frozen_model_is_counted_as_deepspeed_holds_it(tmp_path, stage):
     run_ranks(["tests/dist_scripts/frozen_partition.py", str(out), str(stage)])
     held = json.loads(out.read_text())
     # The loaded model's own count (its embedding fits the tokenizer, not the spec's vocabulary).
-    p = plan_of("tiny-opt", held["total"], 1, 2)
+    p = plan_for("tiny-opt", 1, 2, num_params=held["total"])
     planned = row(p, stage, "none")["gpu_bytes"]["frozen"] / 2
     for elements in held["held"]:
         assert 0 <= elements - planned <= held["tensors"], (held, planned)
@@ -105,7 +101,7 @@ def test_the_tamper_copy_is_counted_as_torch_holds_it():
                 if k != "step")
     count = sum(p.numel() for p in params)
     for nodes, gpus in ((1, 2), (2, 8)):
-        p = plan_of("tiny-opt", count, nodes, gpus, tamper_copy=True)
+        p = plan_for("tiny-opt", nodes, gpus, num_params=count, tamper_copy=True)
         assert {row(p, s, o)["gpu_bytes"]["tamper"] for s in (2, 3) for o in ("none", "cpu")} == {held}
     assert row(plan_for("tiny-opt", 1, 2), 3, "none")["gpu_bytes"]["tamper"] == 0
 

@@ -259,8 +259,10 @@ def format_plan(p: dict, model_name: str) -> str:
         f"micro-batch = examples per GPU per forward pass, as the trainer's --micro_batch_size; an example is "
         f"1 + K = {seqs} sequence(s) of {inp['seq_len']} tokens (--negatives {inp['negatives']})",
         "",
-        "frozen = the frozen original model's engine (" + ("counted" if inp["frozen_model"] else "not counted: --no_frozen_model")
-        + "); tamper = the tamper term's attacked copy (" + ("counted" if inp["tamper_copy"] else "not counted: --tamper_copy to count it") + ")",
+        "frozen = the frozen original model's engine ("
+        + ("counted" if inp["frozen_model"] else "not counted: --no_frozen_model") + "); "
+        "tamper = the tamper term's attacked copy ("
+        + ("counted" if inp["tamper_copy"] else "not counted: --tamper_copy to count it") + ")",
         "",
         f"{'':<80}|{'max micro-batch: examples (seqs)':^34}",
         f"{'Per GPU (GiB)':<17}{cols(gpu_parts)} |{'no ckpt':>17}{'ckpt':>17}",
