@@ -127,42 +127,62 @@ def test_toybench_writes_table_chart_and_skips_finished_runs(tmp_path, toy_cache
     assert bad.returncode == 2 and "unknown method(s) xx" in bad.stderr
 
 
-def test_toybench_reuses_a_finished_run_only_with_the_same_options(tmp_path):
+def test_toybench_reuses_a_finished_run_only_for_the_config_it_trained(tmp_path):
     """A changed --train_args (or --steps, or seed) must rerun a run, not reuse one that was trained
     otherwise under the same name; so must a run whose options were never recorded, and one made when a
-    default it ran with was another (its config.json says what it ran with)."""
-    from wpn_dist.bench.toybench import OPTIONS_FILE, stale_reason
+    default it ran with was another (its config.json says what it ran with). Options that resolve to
+    what it trained (a default spelled out, an option with no effect) may reuse it."""
+    from wpn_dist.bench.toybench import OPTIONS_FILE, RUN_FLAGS, resolved_config, stale_reason, with_values
+
+    def reason(options, needs_before=False):
+        return stale_reason(str(run), options, needs_before=needs_before)
+
+    def ran_with(config):
+        (run / "config.json").write_text(json.dumps(config))
+
     run = tmp_path / "wpn"
     run.mkdir()
     options = ["--steps", "120", "--method", "wpn"]
-    assert stale_reason(str(run), options, needs_before=False) == "not run yet"
+    assert reason(options) == "not run yet"
     (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}}}))
-    assert stale_reason(str(run), options, needs_before=False) == "it has no record of its options or of its config"
+    assert reason(options) == "it has no record of its options or of its config"
     (run / OPTIONS_FILE).write_text(json.dumps(options))
-    # What a run of the toy world's WPN with these options resolved to (a few of config.json's entries;
-    # one it lacks is an option added since, not compared). It was written elsewhere, and --max_length
-    # was resolved from the data: neither is compared.
-    ran = {"method": {"method": "wpn", "retention_weight": 4.0, "recovery_cuts": 3, "tamper_weight": 0.0},
-           "train": {"steps": 120, "lr": 5e-4, "output_dir": "/elsewhere/wpn", "export_dtype": "bf16"},
-           "data": {"max_length": 64, "normal_data": "toy"}}
-    (run / "config.json").write_text(json.dumps(ran))
-    assert stale_reason(str(run), options, needs_before=False) is None
-    assert stale_reason(str(run), options + ["--forget_weight", "0.05"], needs_before=False) == "it ran with other options"
-    assert stale_reason(str(run), ["--steps", "60", "--method", "wpn"], needs_before=False) == "it ran with other options"
+    ran = resolved_config(RUN_FLAGS + options)
+    # It wrote elsewhere, and --max_length was resolved from the data: neither is compared.
+    ran["train"]["output_dir"], ran["data"]["max_length"] = "/elsewhere/wpn", 64
+    ran_with(ran)
+    assert reason(options) is None
+    assert reason(options + ["--forget_weight", "0.05"]) == "it ran with other options (--forget_weight: 0.0 -> 0.05)"
+    assert reason(["--steps", "60", "--method", "wpn"]) == "it ran with other options (--steps: 120 -> 60)"
+    # The toy world's WPN defaults spelled out train the same model.
+    assert reason(options + ["--lr", "3.5e-4", "--tamper_weight", "1", "--retention_weight", "10"]) is None
+    assert reason(options + ["--tamper_lr", "1e-2"]) == "it ran with other options (--tamper_lr: 0.001 -> 0.01)"
+    # Without the tamper term its lr has no effect.
+    ran["method"]["tamper_weight"] = 0.0
+    ran_with(ran)
+    assert reason(options + ["--tamper_weight", "0", "--tamper_lr", "1e-2"]) is None
     (run / OPTIONS_FILE).write_text(json.dumps(options + ["--lr", "-1"]))  # the run failed on it
-    assert stale_reason(str(run), options + ["--lr", "-1"], needs_before=False).startswith("its options are refused now: --lr")
+    assert reason(options + ["--lr", "-1"]).startswith("its options are refused now: --lr")
     (run / OPTIONS_FILE).write_text(json.dumps(options))
-    # Made when the retention weight's default was 1 and the toy lr 1e-4: both changed since.
-    ran["method"]["retention_weight"], ran["train"]["lr"] = 1.0, 1e-4
-    (run / "config.json").write_text(json.dumps(ran))
-    assert stale_reason(str(run), options, needs_before=False) == \
-        "defaults changed since it ran (--retention_weight: 1.0 -> 4.0, --lr: 0.0001 -> 0.0005)"
+    # Made when the retention weight's default was 4, the toy lr 5e-4 and the tamper term off by default:
+    # all three changed since.
     ran["method"]["retention_weight"], ran["train"]["lr"] = 4.0, 5e-4
-    (run / "config.json").write_text(json.dumps(ran))
-    # The first run of a table supplies the evaluation before unlearning: one that skipped it is rerun.
-    assert stale_reason(str(run), options, needs_before=True) == "it did not evaluate the model before unlearning"
+    ran_with(ran)
+    assert reason(options) == "defaults changed since it ran (--retention_weight: 4.0 -> 10.0, " \
+        "--tamper_weight: 0.0 -> 1.0, --lr: 0.0005 -> 0.00035)"
+    # ... or before the tamper term existed: it ran with it off.
+    for name in ("tamper_weight", "tamper_steps", "tamper_lr", "tamper_batch_size"):
+        del ran["method"][name]
+    ran_with(ran)
+    spelled_out = options + ["--retention_weight", "4", "--lr", "5e-4", "--tamper_weight", "0"]
+    assert reason(spelled_out) is None
+    assert reason(with_values(spelled_out, tamper_weight=1)) == "it ran with other options (--tamper_weight: " \
+        "(not an option then) -> 1.0, --tamper_steps: (not an option then) -> 20, --tamper_lr: (not an option " \
+        "then) -> 0.001, --tamper_batch_size: (not an option then) -> 16)"
+    # The table's evaluation before unlearning comes from a run that made one: one that skipped it cannot.
+    assert reason(spelled_out, needs_before=True) == "it did not evaluate the model before unlearning"
     (run / "summary.json").write_text(json.dumps({"evaluation": {"after": {}, "before": {}}}))
-    assert stale_reason(str(run), options, needs_before=True) is None
+    assert reason(spelled_out, needs_before=True) is None
 
 
 def test_other_topic_share_counts_the_topics_that_share_a_harm_word():

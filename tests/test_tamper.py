@@ -86,13 +86,31 @@ def test_the_injected_gradient_moves_the_engines_weights(tmp_path, stage):
     assert result["copy_error"] == 0.0 and result["copy_norm"] > 0, result
 
 
-def test_a_toy_run_with_the_tamper_term_logs_it(tmp_path, toy_cache):
+def test_a_toy_run_has_the_tamper_term_by_default_and_logs_it(tmp_path, toy_cache):
     run = tmp_path / "run"
     run_ranks(["wpn_dist/train.py", "--output_dir", str(run), "--steps", "3", "--log_every", "1",
-               "--evaluate", "false", "--tamper_weight", "1", "--tamper_steps", "2"], WPN_DIST_CACHE=toy_cache)
+               "--evaluate", "false", "--tamper_steps", "2"], WPN_DIST_CACHE=toy_cache)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss/tamper" in r]
     assert [r["step"] for r in losses] == [1, 2, 3]
     assert all(r["loss/tamper"] > 0 and r["tamper/attack_loss"] > 0 for r in losses)
     config = json.loads((run / "config.json").read_text())
-    assert config["method"]["tamper_weight"] == 1.0
+    assert (config["method"]["tamper_weight"], config["method"]["tamper_lr"], config["train"]["lr"]) == (1.0, 1e-3, 3.5e-4)
+
+
+def test_the_tuned_defaults_are_the_toy_worlds_only():
+    """The toy world's WPN defaults have the tamper term tuned (weight 1, its attack at lr 1e-3, retention
+    10, the prompt noise's wrap 0.5); a model of yours gets the earlier ones, with normal data or without."""
+    from wpn_dist.core.methods import method_class
+    tuned = ("tamper_weight", "tamper_lr", "retention_weight", "prompt_noise_wrap")
+    for toy_world, normal, values in ((True, False, (1.0, 1e-3, 10.0, 0.5)), (False, True, (0.0, 5e-4, 4.0, 0.0)),
+                                      (False, False, (0.0, 5e-4, 0.0, 0.0))):
+        options = method_class("wpn").Options()
+        options.resolve_defaults(toy_world=toy_world, has_normal_data=normal)
+        assert tuple(getattr(options, name) for name in tuned) == values, (toy_world, normal)
+    explicit = method_class("wpn").Options(tamper_weight=0.0, tamper_lr=2e-3, prompt_noise_wrap=0.0)
+    explicit.resolve_defaults(toy_world=True)
+    assert (explicit.tamper_weight, explicit.tamper_lr, explicit.prompt_noise_wrap) == (0.0, 2e-3, 0.0)
+    # The toy world's lr is WPN's own (tuned with the term); the other methods keep theirs.
+    from wpn_dist.bench.toybench import resolved_config
+    assert [resolved_config(["--method", m])["train"]["lr"] for m in ("wpn", "sft", "ga")] == [3.5e-4, 5e-4, 5e-4]

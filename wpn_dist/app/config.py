@@ -83,7 +83,8 @@ class TrainArguments:
     steps: int = field(default=120, metadata={"help": "Optimizer steps."})
     micro_batch_size: int = field(default=8, metadata={"help": "Examples per rank per forward pass."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default 1e-5; 5e-4 for the toy world)."})
+    lr: Optional[float] = field(default=None, metadata={
+        "help": "Peak learning rate (default 1e-5; on the toy world 3.5e-4 for WPN, 5e-4 for the other methods)."})
     warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps, then linear decay to 0."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 = off)."})

@@ -39,7 +39,7 @@ from .preflight import Preflight, check_run, release_lock, take_lock  # noqa: E4
 # Exit status of a run that stopped early on a signal after saving a checkpoint: "requeue me".
 STOPPED_EXIT_CODE = 99
 COLLAPSE_WARNING = 0.25  # share of degenerate answers after unlearning (10 points up) that the log warns about
-TOY_LR = 5e-4
+TOY_LR = 5e-4  # every method but one whose options set their own toy_lr (WPN)
 DEFAULT_LR = 1e-5
 
 
@@ -48,7 +48,7 @@ def resolve_defaults(cfg: RunConfig) -> None:
     method's options may have toy-world defaults of their own."""
     is_toy = cfg.model.model == "toy"
     if cfg.train.lr is None:
-        cfg.train.lr = TOY_LR if is_toy else DEFAULT_LR
+        cfg.train.lr = getattr(cfg.method_options, "toy_lr", TOY_LR) if is_toy else DEFAULT_LR
     if cfg.data.normal_data is None and cfg.data.data == "toy":
         cfg.data.normal_data = "toy"
     if hasattr(cfg.method_options, "resolve_defaults"):

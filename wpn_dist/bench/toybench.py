@@ -13,8 +13,8 @@ responses (their per-token log-likelihood), and by the relearning attack (wpn_di
 
 Writes ``DIR/results.json`` (every number), ``DIR/results.md`` (the table) and ``DIR/results.png``
 (harmless rate per split, utility and wall time per run). Every run keeps its own run directory
-under ``DIR/runs/``; a rerun skips the runs that finished with the same options and the same resolved
-config (a changed --train_args, --steps, seed or default runs them again), and a run that fails is recorded as failed
+under ``DIR/runs/``; a rerun skips the runs that finished with the same resolved config (a changed
+--train_args, --steps, seed or default runs them again), and a run that fails is recorded as failed
 while the others go on.
 """
 import json
@@ -29,9 +29,6 @@ from ..app.versions import library_versions
 from .launch import REPO, launch, launcher
 
 SPLITS = ("id", "ood", "adversarial", "prefill")
-# The ablation of WPN's choices: each row changes one thing from the defaults.
-NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
-              "--retention_weight", "0", "--frozen_side", "none"]
 
 
 def with_values(args: list, **values) -> list:
@@ -42,71 +39,87 @@ def with_values(args: list, **values) -> list:
     return out
 
 
-# What WPN's defaults are without normal data (the toy world has its own, so the rows say it).
-NO_NORMAL_DATA = ["--retain_weight", "0", "--retention_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0"]
-# The tamper-resistance term tuned: every WPN target on seeds 0-5, where it was tuned, and on seed 6, not on
-# seed 7 (README, "What the tables say").
-TUNED_TAMPER = ["--tamper_weight", "1", "--lr", "3.5e-4", "--retention_weight", "10", "--tamper_lr", "1e-3",
-                "--prompt_noise_wrap", "0.5"]
+# The toy world's WPN defaults before the tamper term was tuned into them (README, "What the tables
+# say"): the "wpn earlier" rows, each changing one thing from them, spell them out.
+EARLIER = ["--lr", "5e-4", "--retention_weight", "4", "--tamper_weight", "0", "--tamper_lr", "5e-4",
+           "--prompt_noise_wrap", "0"]
+# The paper-literal N-pair loss (at the earlier defaults' lr).
+NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
+              "--retention_weight", "0", "--frozen_side", "none", "--tamper_weight", "0", "--lr", "5e-4",
+              "--prompt_noise_wrap", "0"]
+# What the earlier defaults were without normal data (the toy world has its own, so the rows say it).
+NO_NORMAL_DATA = with_values(EARLIER, retention_weight=0) + ["--retain_weight", "0", "--recovery_cuts", "0",
+                                                            "--prompt_noise", "0"]
+# The ablation of WPN's choices: each row changes one thing from the defaults ("wpn"), or from the earlier
+# defaults ("wpn earlier").
 ABLATION = {
     "wpn": [],
     "wpn npair=0": ["--npair_weight", "0"],  # every other term: what the N-pair term adds
-    "wpn recovery_cuts=0": ["--recovery_cuts", "0"],
-    "wpn recovery_depths=even": ["--recovery_depths", "even"],
-    "wpn recovery_npair=1": ["--recovery_weight", "1"],  # the recovery cuts' N-pair term too
-    "wpn retention=0": ["--retention_weight", "0"],
-    "wpn retention=1": ["--retention_weight", "1"],
+    "wpn tamper=0": ["--tamper_weight", "0"],
+    "wpn tamper_lr=5e-4": ["--tamper_lr", "5e-4"],  # a simulated attack at the benchmark's lr
+    "wpn lr=5e-4": ["--lr", "5e-4"],
+    "wpn retention=4": ["--retention_weight", "4"],
+    "wpn prompt_noise_wrap=0": ["--prompt_noise_wrap", "0"],
     "wpn prompt_noise=0": ["--prompt_noise", "0"],
-    "wpn prompt_noise=0.2": ["--prompt_noise", "0.2"],
-    "wpn prompt_noise_pool=prompts": ["--prompt_noise_pool", "prompts"],
-    "wpn prompt_noise_wrap=0.5": ["--prompt_noise_wrap", "0.5"],
-    "wpn retention=3": ["--retention_weight", "3"],
+    "wpn recovery_cuts=0": ["--recovery_cuts", "0"],
+    "wpn recovery_npair=1": ["--recovery_weight", "1"],  # the recovery cuts' N-pair term too
     "wpn retain=0": ["--retain_weight", "0"],
-    "wpn forget=0.05": ["--forget_weight", "0.05"],  # capped gradient ascent: against the relearning attack
-    "wpn forget=0.05 retention=8": ["--forget_weight", "0.05", "--retention_weight", "8"],  # more retention against its QA cost
-    "wpn forget=0.05 forget_cap=40": ["--forget_weight", "0.05", "--forget_cap", "40"],  # a deeper ascent
-    "wpn retention=8": ["--retention_weight", "8"],
-    # The tamper-resistance term (a simulated relearning attack in every step): its weight, and an attack
-    # of up to 50 steps at twice the lr.
-    "wpn tamper=0.3": ["--tamper_weight", "0.3"],
-    "wpn tamper=1": ["--tamper_weight", "1"],
-    "wpn tamper=3": ["--tamper_weight", "3"],
-    "wpn tamper=1 retention=8": ["--tamper_weight", "1", "--retention_weight", "8"],
-    "wpn tamper=1 npair=0": ["--tamper_weight", "1", "--npair_weight", "0"],  # what the N-pair term adds beside it
-    "wpn tamper=1 tamper_steps=50 tamper_lr=1e-3": ["--tamper_weight", "1", "--tamper_steps", "50", "--tamper_lr", "1e-3"],
-    # Seed 2's QA against seed 0's relearning: a lower lr and more retention, at three weights.
-    "wpn tamper=1 lr=3e-4 retention=8": ["--tamper_weight", "1", "--lr", "3e-4", "--retention_weight", "8"],
-    "wpn tamper=2 lr=3e-4 retention=8": ["--tamper_weight", "2", "--lr", "3e-4", "--retention_weight", "8"],
-    "wpn tamper=3 lr=3e-4 retention=8": ["--tamper_weight", "3", "--lr", "3e-4", "--retention_weight", "8"],
-    # ... and weight 1 against a simulated attack at twice the benchmark's lr.
-    "wpn tamper=1 lr=3e-4 retention=8 tamper_lr=1e-3": ["--tamper_weight", "1", "--lr", "3e-4", "--retention_weight", "8",
-                                                        "--tamper_lr", "1e-3"],
-    # ... at a slightly higher lr (seeds 1 and 3 left 1-2% of their refusals stuttering at 3e-4), with more
-    # retention for seed 2's QA.
-    "wpn tamper=1 lr=3.5e-4 retention=10 tamper_lr=1e-3": ["--tamper_weight", "1", "--lr", "3.5e-4",
-                                                          "--retention_weight", "10", "--tamper_lr", "1e-3"],
-    # ... with the prompt noise's runs of pool tokens around a prompt (seed 5's random-suffix answers), and
-    # what the N-pair term adds there.
-    "wpn tamper=1 lr=3.5e-4 retention=10 tamper_lr=1e-3 prompt_noise_wrap=0.5": TUNED_TAMPER,
-    "wpn tamper=1 lr=3.5e-4 retention=10 tamper_lr=1e-3 prompt_noise_wrap=0.5 npair=0":
-        TUNED_TAMPER + ["--npair_weight", "0"],
-    # The defaults for data without normal data, and what the recovery cuts do there.
-    "wpn no normal data": NO_NORMAL_DATA,
-    "wpn no normal data lr=1e-4": NO_NORMAL_DATA + ["--lr", "1e-4"],
-    "wpn no normal data recovery_cuts=3": with_values(NO_NORMAL_DATA, recovery_cuts=3),
-    "wpn no normal data prompt_noise=0.4": with_values(NO_NORMAL_DATA, prompt_noise=0.4),
-    "wpn no normal data lr=1e-4 prompt_noise=0.4": with_values(NO_NORMAL_DATA, prompt_noise=0.4) + ["--lr", "1e-4"],
     "wpn positive_lm=0": ["--positive_lm_weight", "0"],
     "wpn pooling=mean": ["--pooling", "mean"],
-    "wpn pooling=last": ["--pooling", "last"],
-    "wpn anchor=generation": ["--anchor", "generation"],
     "wpn layer=1": ["--representation_layer", "1"],
     "wpn frozen_side=none": ["--frozen_side", "none"],  # both sides of the N-pair term trained
-    "wpn frozen_side=anchor": ["--frozen_side", "anchor"],
-    "wpn lr=1e-4": ["--lr", "1e-4"],
-    "wpn lr=1e-3": ["--lr", "1e-3"],
+    "wpn earlier": EARLIER,
+    "wpn earlier npair=0": EARLIER + ["--npair_weight", "0"],
+    "wpn earlier recovery_cuts=0": EARLIER + ["--recovery_cuts", "0"],
+    "wpn earlier recovery_depths=even": EARLIER + ["--recovery_depths", "even"],
+    "wpn earlier recovery_npair=1": EARLIER + ["--recovery_weight", "1"],
+    "wpn earlier retention=0": with_values(EARLIER, retention_weight=0),
+    "wpn earlier retention=1": with_values(EARLIER, retention_weight=1),
+    "wpn earlier prompt_noise=0": EARLIER + ["--prompt_noise", "0"],
+    "wpn earlier prompt_noise=0.2": EARLIER + ["--prompt_noise", "0.2"],
+    "wpn earlier prompt_noise_pool=prompts": EARLIER + ["--prompt_noise_pool", "prompts"],
+    "wpn earlier prompt_noise_wrap=0.5": with_values(EARLIER, prompt_noise_wrap=0.5),
+    "wpn earlier retention=3": with_values(EARLIER, retention_weight=3),
+    "wpn earlier retain=0": EARLIER + ["--retain_weight", "0"],
+    "wpn earlier forget=0.05": EARLIER + ["--forget_weight", "0.05"],  # capped gradient ascent: against relearning
+    "wpn earlier forget=0.05 retention=8": with_values(EARLIER, retention_weight=8) + ["--forget_weight", "0.05"],
+    "wpn earlier forget=0.05 forget_cap=40": EARLIER + ["--forget_weight", "0.05", "--forget_cap", "40"],
+    "wpn earlier retention=8": with_values(EARLIER, retention_weight=8),
+    # The tamper-resistance term (a simulated relearning attack in every step): its weight, and an attack
+    # of up to 50 steps at twice the lr.
+    "wpn earlier tamper=0.3": with_values(EARLIER, tamper_weight=0.3),
+    "wpn earlier tamper=1": with_values(EARLIER, tamper_weight=1),
+    "wpn earlier tamper=3": with_values(EARLIER, tamper_weight=3),
+    "wpn earlier tamper=1 retention=8": with_values(EARLIER, tamper_weight=1, retention_weight=8),
+    "wpn earlier tamper=1 npair=0": with_values(EARLIER, tamper_weight=1) + ["--npair_weight", "0"],
+    "wpn earlier tamper=1 tamper_steps=50 tamper_lr=1e-3": with_values(EARLIER, tamper_weight=1, tamper_lr="1e-3") +
+        ["--tamper_steps", "50"],
+    # Toward the defaults: seed 2's QA against seed 0's relearning, a lower lr and more retention at three
+    # weights, then weight 1 against a simulated attack at twice the benchmark's lr (the defaults are these
+    # at lr 3.5e-4 and retention 10, with the prompt noise's wrap).
+    "wpn earlier tamper=1 lr=3e-4 retention=8": with_values(EARLIER, tamper_weight=1, lr="3e-4", retention_weight=8),
+    "wpn earlier tamper=2 lr=3e-4 retention=8": with_values(EARLIER, tamper_weight=2, lr="3e-4", retention_weight=8),
+    "wpn earlier tamper=3 lr=3e-4 retention=8": with_values(EARLIER, tamper_weight=3, lr="3e-4", retention_weight=8),
+    "wpn earlier tamper=1 lr=3e-4 retention=8 tamper_lr=1e-3":
+        with_values(EARLIER, tamper_weight=1, lr="3e-4", retention_weight=8, tamper_lr="1e-3"),
+    # The earlier defaults without normal data, and what the recovery cuts do there.
+    "wpn earlier no normal data": NO_NORMAL_DATA,
+    "wpn earlier no normal data lr=1e-4": with_values(NO_NORMAL_DATA, lr="1e-4"),
+    "wpn earlier no normal data recovery_cuts=3": with_values(NO_NORMAL_DATA, recovery_cuts=3),
+    "wpn earlier no normal data prompt_noise=0.4": with_values(NO_NORMAL_DATA, prompt_noise=0.4),
+    "wpn earlier no normal data lr=1e-4 prompt_noise=0.4": with_values(NO_NORMAL_DATA, lr="1e-4", prompt_noise=0.4),
+    "wpn earlier positive_lm=0": EARLIER + ["--positive_lm_weight", "0"],
+    "wpn earlier pooling=mean": EARLIER + ["--pooling", "mean"],
+    "wpn earlier pooling=last": EARLIER + ["--pooling", "last"],
+    "wpn earlier anchor=generation": EARLIER + ["--anchor", "generation"],
+    "wpn earlier layer=1": EARLIER + ["--representation_layer", "1"],
+    "wpn earlier frozen_side=none": EARLIER + ["--frozen_side", "none"],
+    "wpn earlier frozen_side=anchor": EARLIER + ["--frozen_side", "anchor"],
+    "wpn earlier lr=1e-4": with_values(EARLIER, lr="1e-4"),
+    "wpn earlier lr=1e-3": with_values(EARLIER, lr="1e-3"),
     "wpn npair only": NPAIR_ONLY,  # the paper-literal loss
-    "wpn npair only frozen_side=candidates": with_values(NPAIR_ONLY, frozen_side="candidates"),  # the default's N-pair term alone
+    # the defaults' N-pair term alone
+    "wpn npair only frozen_side=candidates": with_values(NPAIR_ONLY, frozen_side="candidates"),
     "wpn npair only retention=1": with_values(NPAIR_ONLY, retention_weight=1),  # with the regulariser against collapse
     "wpn npair only retention=1 prompt_noise=0.4": with_values(NPAIR_ONLY, retention_weight=1, prompt_noise=0.4),
     "wpn npair only layer=1": NPAIR_ONLY + ["--representation_layer", "1"],
@@ -153,34 +166,48 @@ def resolved_config(options: list) -> dict:
     return cfg.to_dict()
 
 
+def _inactive(wanted: dict) -> set:
+    """The method options that have no effect in the resolved config ``wanted`` (e.g. the tamper term's
+    lr when its weight is 0)."""
+    from ..core.methods import method_class
+    options = method_class(wanted["method"]["method"]).Options
+    return options.inactive(wanted["method"]) if hasattr(options, "inactive") else set()
+
+
 def config_changes(ran: dict, wanted: dict) -> list:
     """"--name: old -> new" for every option whose resolved value differs between a run's config.json
-    (``ran``) and ``wanted``. Not compared: an option the run's config lacks (added after it ran, off by
-    default as every new option is) and one ``wanted`` leaves None (the run resolves it from its model
-    and data, e.g. --max_length)."""
+    (``ran``) and ``wanted``. Not compared: an option that has no effect in ``wanted``, and one it leaves
+    None (the run resolves it from its model and data, e.g. --max_length). An option the run's config
+    lacks was added after it ran, which then ran with it off: it differs only where ``wanted`` turns it
+    on (a value other than 0, false or empty)."""
+    inactive = _inactive(wanted)
     changes = []
     for group, values in wanted.items():
         for name, value in values.items():
-            if name in NOT_COMPARED.get(group, ()) or name not in ran.get(group, {}) or value is None:
+            if name in NOT_COMPARED.get(group, ()) or value is None or (group == "method" and name in inactive):
                 continue
-            if ran[group][name] != value:
+            if name not in ran.get(group, {}):
+                if value:
+                    changes.append(f"--{name}: (not an option then) -> {value}")
+            elif ran[group][name] != value:
                 changes.append(f"--{name}: {ran[group][name]} -> {value}")
     return changes
 
 
 def stale_reason(run_dir: str, options: list, needs_before: bool) -> str | None:
     """Why a finished run in ``run_dir`` cannot stand for a run with ``options`` (None: it can). It
-    must have run with exactly these options (a changed --train_args, --steps or seed reruns it; a run
-    from before the options were recorded is rerun too) and with the same resolved config (a default
-    changed since it ran reruns it), and have evaluated the model before unlearning if that is wanted."""
+    must have trained what these options resolve to now, by its config.json: a changed --train_args,
+    --steps or seed reruns it, and so does a default changed since it ran; a run made with other options
+    that resolve to the same config stands (the rows that spell out the earlier defaults reuse the runs
+    made under them). A run with no record of its options or config is rerun, and so is one that did
+    not evaluate the model before unlearning if that is wanted."""
     paths = {name: os.path.join(run_dir, name) for name in ("summary.json", OPTIONS_FILE, "config.json")}
     if not os.path.isfile(paths["summary.json"]):
         return "not run yet"
     if not (os.path.isfile(paths[OPTIONS_FILE]) and os.path.isfile(paths["config.json"])):
         return "it has no record of its options or of its config"
     with open(paths[OPTIONS_FILE]) as f:
-        if json.load(f) != options:
-            return "it ran with other options"
+        same_options = json.load(f) == options
     try:
         wanted = resolved_config(RUN_FLAGS + options)
     except ValueError as e:  # ConfigError: the run, launched again, fails with it and is recorded as failed
@@ -188,17 +215,22 @@ def stale_reason(run_dir: str, options: list, needs_before: bool) -> str | None:
     with open(paths["config.json"]) as f:
         changes = config_changes(json.load(f), wanted)
     if changes:
-        return "defaults changed since it ran (" + ", ".join(changes) + ")"
+        return ("defaults changed since it ran (" if same_options else "it ran with other options (") + \
+            ", ".join(changes) + ")"
     with open(paths["summary.json"]) as f:
         if needs_before and "before" not in json.load(f).get("evaluation", {}):
             return "it did not evaluate the model before unlearning"
     return None
 
 
+def run_dir_of(out: str, name: str) -> str:
+    return os.path.join(out, "runs", name.replace(" ", "_").replace("=", "-"))
+
+
 def run_one(name: str, args: list, out: str, ranks: int, common: list, world, seed: int, needs_before: bool = True,
             log=print) -> dict:
     """One training run (skipped if a finished one ran with the same options). Returns its record."""
-    run_dir = os.path.join(out, "runs", name.replace(" ", "_").replace("=", "-"))
+    run_dir = run_dir_of(out, name)
     summary_path = os.path.join(run_dir, "summary.json")
     options = common + args
     reason = stale_reason(run_dir, options, needs_before)
@@ -471,19 +503,24 @@ def main(argv=None) -> dict:
     runs = []
     from ..app import toy_world
     world = toy_world.make_world(toy_world.ToyWorldConfig(seed=args.seed))
+    # One run also evaluates the implanted model before unlearning (the same model for every run): the first
+    # that did and can be reused, else the first run.
+    before_at = next((i for i, (name, run_args) in enumerate(plan)
+                      if stale_reason(run_dir_of(args.out, name), common + run_args, needs_before=True) is None), 0)
     for i, (name, run_args) in enumerate(plan):
-        # The first run also evaluates the implanted model before unlearning; the rest need not.
-        runs.append(run_one(name, run_args, args.out, args.ranks, common, world, args.seed, needs_before=i == 0))
-    first = runs[0]
-    if first["failed"]:
-        print(f"toybench: the first run failed, so there is no 'before' evaluation:\n{first['log_tail']}", file=sys.stderr)
+        runs.append(run_one(name, run_args, args.out, args.ranks, common, world, args.seed,
+                            needs_before=i == before_at))
+    before_run = runs[before_at]
+    if before_run["failed"]:
+        print(f"toybench: the run that evaluates the model before unlearning ({before_run['name']}) failed:\n"
+              f"{before_run['log_tail']}", file=sys.stderr)
         sys.exit(1)
     if args.oracle:
         runs += [oracle(world, args.seed, args.out, answers) for answers in ORACLES]
     base = toy_world.implant_dir(world.config, toy_world.ImplantConfig())  # the model before unlearning
     results = {"seed": args.seed, "steps": args.steps, "ranks": args.ranks, "train_args": args.train_args.split(),
                "targets": TARGETS,
-               "wall_seconds": time.time() - started, "before": first["before"],
+               "wall_seconds": time.time() - started, "before": before_run["before"],
                "before_relearn": _relearn(base, world, args.seed,
                                           os.path.join(args.out, f"before_relearn-seed{args.seed}.json")),
                "implant": toy_world.implant_fingerprint(base), "runs": runs, "versions": library_versions()}

@@ -1,11 +1,12 @@
 """WPN: the N-pair contrastive loss over position-weighted pooled hidden states, with auxiliary terms
 that are our choices, not the paper's: positive LM, retain, recovery cuts inside the harmful responses
 (their LM term, and a second N-pair term, off by default), representation retention on normal data, a
-capped forget term and a tamper-resistance term (both off by default; the trainer runs the latter,
-wpn_dist.app.tamper); and prompt noise on the training prompts (wpn_dist.app.prompt_noise), also our
-choice. Their defaults come from the toy benchmark (README, "The efficacy table")."""
+capped forget term (off by default) and a tamper-resistance term (on by default on the toy world only;
+the trainer runs it, wpn_dist.app.tamper); and prompt noise on the training prompts
+(wpn_dist.app.prompt_noise), also our choice. Their defaults come from the toy benchmark (README, "The
+efficacy table")."""
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -19,6 +20,8 @@ from .base import (Method, TamperSettings, all_rows, cross_entropy, forward, har
 
 @dataclass
 class WPNOptions:
+    # WPN's lr on the toy world (the trainer's --lr default there), tuned with the tamper term.
+    toy_lr: ClassVar[float] = 3.5e-4
     pooling: Literal["weighted", "mean", "last"] = field(default="weighted", metadata={
         "help": "WPN: how hidden states are pooled over a span (position-weighted mean by default)."})
     anchor: Literal["prompt", "generation"] = field(default="prompt", metadata={
@@ -36,8 +39,8 @@ class WPNOptions:
     positive_lm_weight: Optional[float] = field(default=1.0, metadata={
         "help": "WPN: weight of the token cross-entropy of the harmless response given the prompt, added to the "
                 "N-pair loss (our choice, not the paper's: the N-pair term alone collapses the toy model; "
-                "0 with --retain_weight 0 --retention_weight 0 --recovery_cuts 0 --prompt_noise 0 is the paper-literal "
-                "N-pair loss)."})
+                "0 with --retain_weight 0 --retention_weight 0 --recovery_cuts 0 --prompt_noise 0 --frozen_side none "
+                "--tamper_weight 0 is the paper-literal N-pair loss)."})
     retain_weight: Optional[float] = field(default=None, metadata={
         "help": "WPN: weight of a retain term on normal data (--normal_data), added to the N-pair loss (our "
                 "choice). Default: 1 when there is normal data (the toy world has its own), else 0."})
@@ -73,7 +76,7 @@ class WPNOptions:
                 "squared distance between the trained and the frozen original model's states of "
                 "--representation_layer at every token of the normal rows, relative to the frozen states' "
                 "squared norm. A regulariser against collapse that is not an LM term; it needs the frozen model "
-                "(a second engine). Default: 4 when there is normal data (the toy world has its own), else 0."})
+                "(a second engine). Default: 10 on the toy world, 4 with your --normal_data, else 0."})
     prompt_noise: Optional[float] = field(default=None, metadata={
         "help": "WPN: prompt noise (our choice, not the paper's): every step, half the examples are trained on a "
                 "disturbed copy of their prompt, each of its tokens replaced with this probability, or else "
@@ -86,9 +89,10 @@ class WPNOptions:
         "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
                 "responses (data), or of the prompts only (our choice: on the toy world the responses' words "
                 "are needed against appended words; README, the efficacy table)."})
-    prompt_noise_wrap: float = field(default=0.0, metadata={
+    prompt_noise_wrap: Optional[float] = field(default=None, metadata={
         "help": "WPN with --prompt_noise: the probability that a disturbed prompt is also wrapped, a run of the "
-                "pool's tokens put before or after its text (our choice; wpn_dist.app.prompt_noise). 0: no wrap."})
+                "pool's tokens put before or after its text (our choice; wpn_dist.app.prompt_noise). 0: no wrap. "
+                "Default: 0.5 on the toy world, else 0 (measured on the toy world only)."})
     forget_weight: float = field(default=0.0, metadata={
         "help": "WPN: weight of a forget term (our choice; 0, the default: off): gradient ascent on the harmful "
                 "responses' tokens, each token's NLL capped at --forget_cap so that a token already that unlikely "
@@ -96,17 +100,19 @@ class WPNOptions:
                 "seeds (README, the efficacy table)."})
     forget_cap: float = field(default=10.0, metadata={
         "help": "WPN with --forget_weight: the NLL (nats) past which a harmful token is no longer pushed down."})
-    tamper_weight: float = field(default=0.0, metadata={
-        "help": "WPN: weight of the tamper-resistance term (our choice, after TAR; 0, the default: off): every "
-                "step each rank fine-tunes a copy of the weights on the harmful pairs of half the groups of "
-                "examples (--tamper_steps, --tamper_lr) and adds the gradient of the other half's harmless "
-                "cross-entropy at the attacked weights (wpn_dist.app.tamper). On the toy world at weight 1 it holds "
-                "off the benchmark's 20-step relearning attack on seeds 0-4, not 50 steps, at about 5 times "
-                "the training time (README, the efficacy table). It keeps a full copy of the model with its AdamW "
-                "state on every rank (about 16 bytes a parameter)."})
+    tamper_weight: Optional[float] = field(default=None, metadata={
+        "help": "WPN: weight of the tamper-resistance term (our choice, after TAR): every step each rank "
+                "fine-tunes a copy of the weights on the harmful pairs of half the groups of examples "
+                "(--tamper_steps, --tamper_lr) and adds the gradient of the other half's harmless cross-entropy "
+                "at the attacked weights (wpn_dist.app.tamper). Default: 1 on the toy world, where it holds off "
+                "the benchmark's 20-step relearning attack on seeds 0-6, not 50 steps, at about 4 times the "
+                "training time (README, the efficacy table); else 0, off: it keeps a full copy of the model with "
+                "its AdamW state on every rank (about 16 bytes a parameter)."})
     tamper_steps: int = field(default=20, metadata={
         "help": "WPN with --tamper_weight: the simulated attack runs a number of steps drawn from 1 to this."})
-    tamper_lr: float = field(default=5e-4, metadata={"help": "WPN with --tamper_weight: the simulated attack's AdamW lr."})
+    tamper_lr: Optional[float] = field(default=None, metadata={
+        "help": "WPN with --tamper_weight: the simulated attack's AdamW lr. Default: 1e-3 on the toy world (twice the "
+                "benchmark's relearning attack), else 5e-4."})
     tamper_batch_size: int = field(default=16, metadata={
         "help": "WPN with --tamper_weight: rows per step of the simulated attack and of its target loss."})
     representation_layer: int = field(default=-1, metadata={
@@ -123,18 +129,35 @@ class WPNOptions:
         if self.tamper_steps < 1 or self.tamper_batch_size < 1:
             raise ValueError(f"--tamper_steps and --tamper_batch_size must be at least 1, got {self.tamper_steps} "
                              f"and {self.tamper_batch_size}")
-        if self.tamper_lr <= 0:
+        if self.tamper_lr is not None and self.tamper_lr <= 0:
             raise ValueError(f"--tamper_lr must be > 0, got {self.tamper_lr}")
         if self.forget_cap <= 0:
             raise ValueError(f"--forget_cap must be > 0, got {self.forget_cap}")
         if self.prompt_noise is not None and not 0 <= self.prompt_noise <= 1:
             raise ValueError(f"--prompt_noise must be within [0, 1], got {self.prompt_noise}")
-        if not 0 <= self.prompt_noise_wrap <= 1:
+        if self.prompt_noise_wrap is not None and not 0 <= self.prompt_noise_wrap <= 1:
             raise ValueError(f"--prompt_noise_wrap must be within [0, 1], got {self.prompt_noise_wrap}")
         for name in ("npair_weight", "positive_lm_weight", "retain_weight", "recovery_weight", "recovery_lm_weight",
                      "retention_weight", "forget_weight", "tamper_weight"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+
+    @staticmethod
+    def inactive(values: dict) -> set:
+        """The options that have no effect on a run given the others (``values``: the resolved options by
+        name), so that a finished run can stand for one that only sets them otherwise (the toy benchmark)."""
+        out = set()
+        if not values.get("tamper_weight"):
+            out |= {"tamper_steps", "tamper_lr", "tamper_batch_size"}
+        if not values.get("prompt_noise"):
+            out |= {"prompt_noise_pool", "prompt_noise_wrap"}
+        if not values.get("recovery_cuts"):
+            out |= {"recovery_depths", "recovery_weight", "recovery_lm_weight"}
+        if not values.get("forget_weight"):
+            out.add("forget_cap")
+        if values.get("anchor") != "generation":
+            out.add("anchor_refresh_steps")
+        return out
 
     def resolve_defaults(self, toy_world: bool, has_normal_data: bool = False) -> list:
         """The defaults come from the toy benchmark's ablation (README, "The efficacy table"); the retain,
@@ -153,9 +176,17 @@ class WPNOptions:
         if self.recovery_cuts is None:
             self.recovery_cuts = 3 if normal else 0
         if self.retention_weight is None:
-            self.retention_weight = 4.0 if normal else 0.0
+            self.retention_weight = 10.0 if toy_world else 4.0 if normal else 0.0
         if self.prompt_noise is None:
             self.prompt_noise = 0.4 if normal else 0.0
+        # The tamper term and the wrap were tuned on the toy world, where they are on by default; on a real
+        # model the tamper term's whole-model copy costs memory and about 4 times the step time.
+        if self.prompt_noise_wrap is None:
+            self.prompt_noise_wrap = 0.5 if toy_world else 0.0
+        if self.tamper_weight is None:
+            self.tamper_weight = 1.0 if toy_world else 0.0
+        if self.tamper_lr is None:
+            self.tamper_lr = 1e-3 if toy_world else 5e-4
         return notes
 
 
@@ -176,7 +207,7 @@ class WPN(Method):
     def batch_options(self) -> dict:
         return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths,
                 "prompt_noise": self.options.prompt_noise or 0.0, "prompt_noise_pool": self.options.prompt_noise_pool,
-                "prompt_noise_wrap": self.options.prompt_noise_wrap}
+                "prompt_noise_wrap": self.options.prompt_noise_wrap or 0.0}
 
     def needs_reference(self) -> bool:
         o = self.options
@@ -185,7 +216,7 @@ class WPN(Method):
 
     def tamper_settings(self):
         o = self.options
-        if o.tamper_weight <= 0:
+        if not o.tamper_weight:  # 0, or not resolved yet
             return None
         return TamperSettings(o.tamper_weight, o.tamper_steps, o.tamper_lr, o.tamper_batch_size)
 
