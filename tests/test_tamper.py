@@ -95,7 +95,8 @@ def test_a_toy_run_has_the_tamper_term_by_default_and_logs_it(tmp_path, toy_cach
     assert [r["step"] for r in losses] == [1, 2, 3]
     assert all(r["loss/tamper"] > 0 and r["tamper/attack_loss"] > 0 for r in losses)
     config = json.loads((run / "config.json").read_text())
-    assert (config["method"]["tamper_weight"], config["method"]["tamper_lr"], config["train"]["lr"]) == (1.0, 1e-3, 3.5e-4)
+    method, train = config["method"], config["train"]
+    assert (method["tamper_weight"], method["tamper_lr"], train["lr"]) == (1.0, 1e-3, 3.5e-4)
 
 
 def test_the_tuned_defaults_are_the_toy_worlds_only():

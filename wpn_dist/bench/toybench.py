@@ -229,7 +229,7 @@ def run_dir_of(out: str, name: str) -> str:
 
 def run_one(name: str, args: list, out: str, ranks: int, common: list, world, seed: int, needs_before: bool = True,
             log=print) -> dict:
-    """One training run (skipped if a finished one ran with the same options). Returns its record."""
+    """One training run (skipped if a finished one can stand for it: ``stale_reason``). Returns its record."""
     run_dir = run_dir_of(out, name)
     summary_path = os.path.join(run_dir, "summary.json")
     options = common + args
