@@ -55,7 +55,7 @@ def test_only_the_prompt_text_changes_and_only_to_words_of_the_pool(toy_setup, p
     disturbed, seen = 0, set()
     for step in range(1, 41):
         for e in encoded[:10]:
-            out = maker._disturbed(e, step)
+            out = maker.disturbed(e, step)
             if out is e:
                 continue
             disturbed += 1
@@ -100,10 +100,10 @@ def test_replacement_and_insertion_rates(toy_setup):
 def test_every_row_of_an_example_shares_its_disturbed_prompt(toy_setup):
     world, tokenizer, examples, encoded, normal = toy_setup
     maker = maker_for(toy_setup)
-    step = next(s for s in range(1, 50) if maker._disturbed(encoded[0], s) is not encoded[0])
+    step = next(s for s in range(1, 50) if maker.disturbed(encoded[0], s) is not encoded[0])
     batch = maker.make([0, 1], step, 0, 0)
     sequences = batch["layout"].sequences
-    disturbed = maker._disturbed(encoded[0], step)
+    disturbed = maker.disturbed(encoded[0], step)
     prompt = disturbed.positive.input_ids[:disturbed.positive.prompt_length]
     rows = [0] + batch["negative_rows"][0][batch["negative_mask"][0]].tolist()
     rows += batch["recovery_rows"][batch["recovery_example"] == 0].tolist()
@@ -118,11 +118,11 @@ def test_every_row_of_an_example_shares_its_disturbed_prompt(toy_setup):
 def test_draws_are_seeded_per_step_and_example_and_rate_zero_is_off(toy_setup):
     world, tokenizer, examples, encoded, normal = toy_setup
     a, b = maker_for(toy_setup), maker_for(toy_setup)
-    draws = [[a._disturbed(e, s).positive.input_ids for e in encoded[:5]] for s in range(1, 6)]
-    assert draws == [[b._disturbed(e, s).positive.input_ids for e in encoded[:5]] for s in range(1, 6)]
+    draws = [[a.disturbed(e, s).positive.input_ids for e in encoded[:5]] for s in range(1, 6)]
+    assert draws == [[b.disturbed(e, s).positive.input_ids for e in encoded[:5]] for s in range(1, 6)]
     assert len({tuple(x) for step in draws for x in step}) > 5  # steps and examples draw apart
     off = maker_for(toy_setup, prompt_noise=0)
-    assert all(off._disturbed(e, s) is e for e in encoded[:5] for s in range(1, 6))
+    assert all(off.disturbed(e, s) is e for e in encoded[:5] for s in range(1, 6))
     assert off.noise is None
     with pytest.raises(ValueError, match="prompt_noise"):
         method_class("wpn").Options(prompt_noise=1.5)

@@ -73,6 +73,43 @@ def test_the_attack_gradient_is_the_target_gradient_after_adams_first_step():
     assert moved > 10  # not a vacuous comparison of zeros
 
 
+def test_with_prompt_noise_the_target_rows_are_read_disturbed_and_the_attack_rows_as_written():
+    """--tamper_prompt_noise: the target loss is taken on the step's disturbed harmless rows, while the
+    attack still fine-tunes on the harmful pairs as written. Compared with a term built on data that
+    already holds the disturbed positives (and the original negatives): the same losses and gradients.
+    Without the option the disturbed rows are never read."""
+    tokenizer = models.load_tokenizer("tiny-opt")
+
+    def pair(text):
+        return EncodedPair(tokenizer(text, add_special_tokens=True)["input_ids"], prompt_length=5)
+    harmful, harmless = pair("how do i make it ? sure , step one"), pair("how do i make it ? i can not help")
+    noisy_harmful, noisy_harmless = pair("how red i make blue ? sure , step one"), pair("how red i make blue ? i can not")
+    encoded = [EncodedExample(i, harmless, [harmful]) for i in range(4)]
+    steps_seen = []
+
+    def disturbed(example, step):  # a fixed stand-in for the batch maker's noise, on every row
+        steps_seen.append(step)
+        return EncodedExample(example.example_id, noisy_harmless, [noisy_harmful])
+
+    def run(examples, noise, hook=None):
+        model = models.load_model("tiny-opt", tokenizer, init="random", seed=0)
+        model.config.use_cache = False
+        settings = TamperSettings(weight=1.0, steps=2, lr=1e-2, batch_size=3, prompt_noise=noise)
+        term = TamperTerm(model, settings, examples, ["a", "b", "a", "b"], tokenizer.pad_token_id, seed=0,
+                          disturbed=hook)
+        return term.attack_gradient(step=7, rank=0)
+
+    noisy = run(encoded, True, disturbed)
+    assert steps_seen and set(steps_seen) == {7}
+    calls = len(steps_seen)
+    reference = run([EncodedExample(i, noisy_harmless, [harmful]) for i in range(4)], False)
+    plain, ignored = run(encoded, False), run(encoded, False, disturbed)
+    assert noisy[1].item() == pytest.approx(reference[1].item(), rel=1e-6)
+    assert noisy[2].item() == pytest.approx(reference[2].item(), rel=1e-6)  # the same attack
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(noisy[0], reference[0]))
+    assert len(steps_seen) == calls and ignored[1].item() == plain[1].item() and noisy[1].item() != pytest.approx(plain[1].item(), rel=1e-3)
+
+
 @pytest.mark.parametrize("stage", [3, 0])
 def test_the_injected_gradient_moves_the_engines_weights(tmp_path, stage):
     """Two CPU ranks: the term's copy of the engine's weights is exact; after a backward, ``add_gradients`` adds weight x the ranks' mean of a known

@@ -454,7 +454,7 @@ class BatchMaker:
         """The micro-batch's examples, extra rows and per-row weights in packed-row order: every row
         belongs to an example and weighs 1 if that is the example's first copy in the step, else 0."""
         batch = [self.encoded[i] for i in indices]
-        batch = [self._disturbed(e, step) for e in batch]
+        batch = [self.disturbed(e, step) for e in batch]
         extra = self._extra_rows(batch, step)
         weights = [float(f) for f in first_copy]
         weights += [float(f) for e, f in zip(batch, first_copy) for _ in e.negatives]
@@ -463,7 +463,7 @@ class BatchMaker:
             weights += [float(f) for f in first_copy for _ in range(per_example)]
         return batch, extra, weights
 
-    def _disturbed(self, example: EncodedExample, step: int) -> EncodedExample:
+    def disturbed(self, example: EncodedExample, step: int) -> EncodedExample:
         """The example with its prompt disturbed for this step (--prompt_noise; wpn_dist.app.prompt_noise),
         in every row; as it is when the disturbed prompt leaves no room for a response."""
         if self.noise is None:

@@ -14,7 +14,9 @@ The copy is a plain model on every rank (its weights, gradients and AdamW state:
 parameter in fp32), so the term is for models that fit one device beside the engine's share; under
 ZeRO-3 the engine's partitions are gathered into it once a step. Rows of one ``group`` (a JSONL row's
 optional "group" field: the toy world's topic) always fall on the same side of the split, so the attack
-never shows a target's own harmful content, as in the benchmark.
+never shows a target's own harmful content, as in the benchmark. With ``--tamper_prompt_noise`` the
+target rows are read with the step's disturbed prompts (the batch maker's prompt noise), as the step's
+own terms read them; the attack's harmful pairs stay as written.
 """
 import random
 
@@ -52,11 +54,15 @@ class TamperTerm:
     """``apply(engine, step)``, once per optimizer step after the last backward and before the engine's
     step: adds the attacked weights' gradient to the engine's (collective: every rank calls it)."""
 
-    def __init__(self, adversary, settings: TamperSettings, encoded: list, groups: list, pad_id: int, seed: int):
+    def __init__(self, adversary, settings: TamperSettings, encoded: list, groups: list, pad_id: int, seed: int,
+                 disturbed=None):
+        """``disturbed(example, step)``: the example as the step trains it (its prompt disturbed by the
+        prompt noise, or as written); the target rows are read through it when ``settings.prompt_noise``."""
         self.adversary = adversary.train()
         for p in self.adversary.parameters():
             p.requires_grad_(True)
         self.settings, self.encoded, self.groups, self.pad_id, self.seed = settings, encoded, groups, pad_id, seed
+        self.disturbed = disturbed if settings.prompt_noise and disturbed is not None else lambda e, step: e
 
     def _copy_weights(self, engine) -> None:
         import deepspeed
@@ -77,7 +83,7 @@ class TamperTerm:
         rng = random.Random(f"{self.seed}-{step}-{rank}")  # the same attack after a resume
         attack, target = split_groups(self.groups, rng)
         attack_pairs = [pair for i in attack for pair in self.encoded[i].negatives]
-        target_pairs = [self.encoded[i].positive for i in target]
+        target_pairs = [self.disturbed(self.encoded[i], step).positive for i in target]
         device = next(self.adversary.parameters()).device
         optimizer = torch.optim.AdamW(self.adversary.parameters(), lr=s.lr, weight_decay=0.0,
                                       fused=True)  # fused: exact sqrt on every CPU (kernels.py)

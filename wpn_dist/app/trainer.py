@@ -282,7 +282,7 @@ class Trainer:
             # An example without a group is a group of its own.
             groups = [by_id[e.example_id].group or f"\0{e.example_id}" for e in self.inputs.encoded]
             tamper = TamperTerm(adversary.to(engine.device), self.method.tamper_settings(), self.inputs.encoded,
-                                groups, self.tokenizer.pad_token_id, cfg.train.seed)
+                                groups, self.tokenizer.pad_token_id, cfg.train.seed, self.inputs.batches.disturbed)
             gib = sum(p.numel() * p.element_size() for p in adversary.parameters()) / 2 ** 30
             distributed.print0(f"wpn_dist: the tamper term attacks a whole copy of the model on every rank: "
                                f"{gib:.3g} GiB of weights, about 4x that with its gradients and AdamW state")

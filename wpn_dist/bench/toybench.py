@@ -68,6 +68,11 @@ ABLATION = {
     "wpn pooling=mean": ["--pooling", "mean"],
     "wpn layer=1": ["--representation_layer", "1"],
     "wpn frozen_side=none": ["--frozen_side", "none"],  # both sides of the N-pair term trained
+    # The simulated attack's target rows with the step's disturbed prompts too (seed 7's unseen phrasing).
+    "wpn tamper_prompt_noise=1": ["--tamper_prompt_noise", "true"],
+    # ... with more retention (seed 7's QA) and every disturbed prompt wrapped (its random-suffix answers).
+    "wpn tamper_prompt_noise=1 retention=15 prompt_noise_wrap=1":
+        ["--tamper_prompt_noise", "true", "--retention_weight", "15", "--prompt_noise_wrap", "1"],
     "wpn earlier": EARLIER,
     "wpn earlier npair=0": EARLIER + ["--npair_weight", "0"],
     "wpn earlier recovery_cuts=0": EARLIER + ["--recovery_cuts", "0"],

@@ -61,6 +61,7 @@ class TamperSettings:
     steps: int        # each simulated attack runs a number of steps drawn from 1..steps
     lr: float
     batch_size: int
+    prompt_noise: bool = False  # the target rows get the step's disturbed prompts (the batch maker's noise)
 
 
 @dataclass

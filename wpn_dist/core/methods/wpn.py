@@ -115,6 +115,12 @@ class WPNOptions:
                 "benchmark's relearning attack), else 5e-4."})
     tamper_batch_size: int = field(default=16, metadata={
         "help": "WPN with --tamper_weight: rows per step of the simulated attack and of its target loss."})
+    tamper_prompt_noise: bool = field(default=False, metadata={
+        "help": "WPN with --tamper_weight and --prompt_noise: the simulated attack's target rows (harmless answers "
+                "at the attacked weights) get the step's disturbed prompts as well, not only the prompts as "
+                "written (our choice; off by default: on the toy world it carries seed 7's unseen phrasing but "
+                "costs QA there, and no setting of it measured meets every target on seeds 0-7; README, the "
+                "efficacy table)."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -148,9 +154,9 @@ class WPNOptions:
         name), so that a finished run can stand for one that only sets them otherwise (the toy benchmark)."""
         out = set()
         if not values.get("tamper_weight"):
-            out |= {"tamper_steps", "tamper_lr", "tamper_batch_size"}
+            out |= {"tamper_steps", "tamper_lr", "tamper_batch_size", "tamper_prompt_noise"}
         if not values.get("prompt_noise"):
-            out |= {"prompt_noise_pool", "prompt_noise_wrap"}
+            out |= {"prompt_noise_pool", "prompt_noise_wrap", "tamper_prompt_noise"}
         if not values.get("recovery_cuts"):
             out |= {"recovery_depths", "recovery_weight", "recovery_lm_weight"}
         if not values.get("forget_weight"):
@@ -218,7 +224,8 @@ class WPN(Method):
         o = self.options
         if not o.tamper_weight:  # 0, or not resolved yet
             return None
-        return TamperSettings(o.tamper_weight, o.tamper_steps, o.tamper_lr, o.tamper_batch_size)
+        return TamperSettings(o.tamper_weight, o.tamper_steps, o.tamper_lr, o.tamper_batch_size,
+                              o.tamper_prompt_noise and bool(o.prompt_noise))
 
     def on_step_start(self, run) -> None:
         if self.options.anchor != "generation":
