@@ -83,7 +83,8 @@ def test_with_prompt_noise_the_target_rows_are_read_disturbed_and_the_attack_row
     def pair(text):
         return EncodedPair(tokenizer(text, add_special_tokens=True)["input_ids"], prompt_length=5)
     harmful, harmless = pair("how do i make it ? sure , step one"), pair("how do i make it ? i can not help")
-    noisy_harmful, noisy_harmless = pair("how red i make blue ? sure , step one"), pair("how red i make blue ? i can not")
+    noisy_harmful = pair("how red i make blue ? sure , step one")
+    noisy_harmless = pair("how red i make blue ? i can not")
     encoded = [EncodedExample(i, harmless, [harmful]) for i in range(4)]
     steps_seen = []
 
@@ -107,7 +108,8 @@ def test_with_prompt_noise_the_target_rows_are_read_disturbed_and_the_attack_row
     assert noisy[1].item() == pytest.approx(reference[1].item(), rel=1e-6)
     assert noisy[2].item() == pytest.approx(reference[2].item(), rel=1e-6)  # the same attack
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(noisy[0], reference[0]))
-    assert len(steps_seen) == calls and ignored[1].item() == plain[1].item() and noisy[1].item() != pytest.approx(plain[1].item(), rel=1e-3)
+    assert len(steps_seen) == calls and ignored[1].item() == plain[1].item()
+    assert noisy[1].item() != pytest.approx(plain[1].item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("stage", [3, 0])

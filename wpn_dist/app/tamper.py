@@ -72,8 +72,9 @@ class TamperTerm:
             with deepspeed.zero.GatheredParameters([theirs], modifier_rank=None), torch.no_grad():
                 mine.copy_(theirs.detach().to(mine.dtype))
 
-    def _batch(self, pairs: list, rng: random.Random, device) -> dict:
-        batch = lm_batch([pairs[rng.randrange(len(pairs))] for _ in range(self.settings.batch_size)], self.pad_id)
+    def _batch(self, rows: list, rng: random.Random, device, read=lambda row: row) -> dict:
+        """``batch_size`` rows drawn from ``rows``, each turned into an EncodedPair by ``read`` once drawn."""
+        batch = lm_batch([read(rows[rng.randrange(len(rows))]) for _ in range(self.settings.batch_size)], self.pad_id)
         return {k: v.to(device) for k, v in batch.items()}
 
     def attack_gradient(self, step: int, rank: int) -> tuple:
@@ -83,7 +84,6 @@ class TamperTerm:
         rng = random.Random(f"{self.seed}-{step}-{rank}")  # the same attack after a resume
         attack, target = split_groups(self.groups, rng)
         attack_pairs = [pair for i in attack for pair in self.encoded[i].negatives]
-        target_pairs = [self.disturbed(self.encoded[i], step).positive for i in target]
         device = next(self.adversary.parameters()).device
         optimizer = torch.optim.AdamW(self.adversary.parameters(), lr=s.lr, weight_decay=0.0,
                                       fused=True)  # fused: exact sqrt on every CPU (kernels.py)
@@ -93,7 +93,9 @@ class TamperTerm:
             attack_loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        target_loss = self.adversary(**self._batch(target_pairs, rng, device)).loss
+        # Only the drawn target rows are disturbed (the noise is a function of example and step).
+        target_batch = self._batch(target, rng, device, read=lambda i: self.disturbed(self.encoded[i], step).positive)
+        target_loss = self.adversary(**target_batch).loss
         grads = torch.autograd.grad(target_loss, list(self.adversary.parameters()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.adversary.parameters(), grads)]
         return grads, target_loss.detach(), attack_loss.detach()

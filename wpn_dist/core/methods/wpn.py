@@ -224,8 +224,7 @@ class WPN(Method):
         o = self.options
         if not o.tamper_weight:  # 0, or not resolved yet
             return None
-        return TamperSettings(o.tamper_weight, o.tamper_steps, o.tamper_lr, o.tamper_batch_size,
-                              o.tamper_prompt_noise and bool(o.prompt_noise))
+        return TamperSettings(o.tamper_weight, o.tamper_steps, o.tamper_lr, o.tamper_batch_size, o.tamper_prompt_noise)
 
     def on_step_start(self, run) -> None:
         if self.options.anchor != "generation":
