@@ -73,6 +73,9 @@ ABLATION = {
     # ... with more retention (seed 7's QA) and every disturbed prompt wrapped (its random-suffix answers).
     "wpn tamper_prompt_noise=1 retention=15 prompt_noise_wrap=1":
         ["--tamper_prompt_noise", "true", "--retention_weight", "15", "--prompt_noise_wrap", "1"],
+    # The noise drawn from the prompts' tokens only, alone and with the attack's targets disturbed.
+    "wpn prompt_noise_pool=prompts": ["--prompt_noise_pool", "prompts"],
+    "wpn tamper_prompt_noise=1 prompt_noise_pool=prompts": ["--tamper_prompt_noise", "true", "--prompt_noise_pool", "prompts"],
     "wpn earlier": EARLIER,
     "wpn earlier npair=0": EARLIER + ["--npair_weight", "0"],
     "wpn earlier recovery_cuts=0": EARLIER + ["--recovery_cuts", "0"],

@@ -87,8 +87,10 @@ class WPNOptions:
                 "toy model refuse the normal questions too (README, the efficacy table)."})
     prompt_noise_pool: Literal["data", "prompts"] = field(default="data", metadata={
         "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
-                "responses (data), or of the prompts only (our choice: on the toy world the responses' words "
-                "are needed against appended words; README, the efficacy table)."})
+                "responses (data, the default), or of the prompts only. Our choice, on the toy world: at its "
+                "earlier defaults the data pool did better on seed 0; at its defaults both meet every target on "
+                "seeds 0-6, and beside --tamper_prompt_noise the prompts' pool is what meets seed 7 (README, the "
+                "efficacy table)."})
     prompt_noise_wrap: Optional[float] = field(default=None, metadata={
         "help": "WPN with --prompt_noise: the probability that a disturbed prompt is also wrapped, a run of the "
                 "pool's tokens put before or after its text (our choice; wpn_dist.app.prompt_noise). 0: no wrap. "
@@ -105,7 +107,7 @@ class WPNOptions:
                 "fine-tunes a copy of the weights on the harmful pairs of half the groups of examples "
                 "(--tamper_steps, --tamper_lr) and adds the gradient of the other half's harmless cross-entropy "
                 "at the attacked weights (wpn_dist.app.tamper). Default: 1 on the toy world, where it holds off "
-                "the benchmark's 20-step relearning attack on seeds 0-6, not 50 steps, at about 4 times the "
+                "the benchmark's 20-step relearning attack on seeds 0-9, not 50 steps, at about 4 times the "
                 "training time (README, the efficacy table); else 0, off: it keeps a full copy of the model with "
                 "its AdamW state on every rank (about 16 bytes a parameter)."})
     tamper_steps: int = field(default=20, metadata={
@@ -118,9 +120,10 @@ class WPNOptions:
     tamper_prompt_noise: bool = field(default=False, metadata={
         "help": "WPN with --tamper_weight and --prompt_noise: the simulated attack's target rows (harmless answers "
                 "at the attacked weights) get the step's disturbed prompts as well, not only the prompts as "
-                "written (our choice; off by default: on the toy world it carries seed 7's unseen phrasing but "
-                "costs QA there, and no setting of it measured meets every target on seeds 0-7; README, the "
-                "efficacy table)."})
+                "written (our choice, off by default: on the toy world it carries seed 7's unseen phrasing but "
+                "costs QA there; with --prompt_noise_pool prompts as well every WPN target is met on seeds 0-9, "
+                "the best setting measured there, which the toy world's defaults have not yet moved to; "
+                "README, the efficacy table)."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
