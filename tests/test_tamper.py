@@ -140,17 +140,27 @@ def test_a_toy_run_has_the_tamper_term_by_default_and_logs_it(tmp_path, toy_cach
 
 def test_the_tuned_defaults_are_the_toy_worlds_only():
     """The toy world's WPN defaults have the tamper term tuned (weight 1, its attack at lr 1e-3, retention
-    10, the prompt noise's wrap 0.5); a model of yours gets the earlier ones, with normal data or without."""
+    10, the prompt noise's wrap 0.5, drawn from the prompts' tokens); a model of yours gets the earlier
+    ones (the data pool), with normal data or without. The attack's targets read the prompt noise
+    everywhere (it only acts with the tamper term and the noise both on); --no_tamper_prompt_noise
+    turns that off."""
     from wpn_dist.core.methods import method_class
-    tuned = ("tamper_weight", "tamper_lr", "retention_weight", "prompt_noise_wrap")
-    for toy_world, normal, values in ((True, False, (1.0, 1e-3, 10.0, 0.5)), (False, True, (0.0, 5e-4, 4.0, 0.0)),
-                                      (False, False, (0.0, 5e-4, 0.0, 0.0))):
+    tuned = ("tamper_weight", "tamper_lr", "retention_weight", "prompt_noise_wrap", "prompt_noise_pool")
+    for toy_world, normal, values in ((True, False, (1.0, 1e-3, 10.0, 0.5, "prompts")),
+                                      (False, True, (0.0, 5e-4, 4.0, 0.0, "data")),
+                                      (False, False, (0.0, 5e-4, 0.0, 0.0, "data"))):
         options = method_class("wpn").Options()
         options.resolve_defaults(toy_world=toy_world, has_normal_data=normal)
         assert tuple(getattr(options, name) for name in tuned) == values, (toy_world, normal)
-    explicit = method_class("wpn").Options(tamper_weight=0.0, tamper_lr=2e-3, prompt_noise_wrap=0.0)
+        assert options.tamper_prompt_noise is True
+    explicit = method_class("wpn").Options(tamper_weight=0.0, tamper_lr=2e-3, prompt_noise_wrap=0.0,
+                                           prompt_noise_pool="data")
     explicit.resolve_defaults(toy_world=True)
-    assert (explicit.tamper_weight, explicit.tamper_lr, explicit.prompt_noise_wrap) == (0.0, 2e-3, 0.0)
+    assert (explicit.tamper_weight, explicit.tamper_lr, explicit.prompt_noise_wrap,
+            explicit.prompt_noise_pool) == (0.0, 2e-3, 0.0, "data")
+    from wpn_dist.bench.toybench import resolved_config
+    off = resolved_config(["--method", "wpn", "--no_tamper_prompt_noise", "--prompt_noise_pool", "data"])["method"]
+    assert (off["tamper_prompt_noise"], off["prompt_noise_pool"]) == (False, "data")
     # The toy world's lr is WPN's own (tuned with the term); the other methods keep theirs.
     from wpn_dist.bench.toybench import resolved_config
     assert [resolved_config(["--method", m])["train"]["lr"] for m in ("wpn", "sft", "ga")] == [3.5e-4, 5e-4, 5e-4]

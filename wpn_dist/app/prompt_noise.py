@@ -12,13 +12,14 @@ Per step, each example is disturbed with probability one half (the other half of
 trained as written). In a disturbed prompt every token of the prompt's own text (the prompt format's
 fixed text around it is left alone) is replaced with probability ``rate``, or else followed by an
 inserted token with probability ``rate / 2``. The tokens come from a pool of the training data's own
-tokens, so no word outside it is ever shown: by default (``--prompt_noise_pool data``) every token of
-the training rows, prompts and responses (harmless, harmful and normal) alike; with ``prompts`` only
-those of the training prompts and the normal data's prompts. The responses' words (the harm words, the
-refusal's, the facts' colours and places) are often what attacks append, which is why the default pool
-holds them; on the toy world the two pools meet the same targets at its defaults, and beside the tamper
-term's disturbed targets (``--tamper_prompt_noise``) only the prompts' pool meets seed 7's (README, "The
-efficacy table", compares them).
+tokens, so no word outside it is ever shown: with ``--prompt_noise_pool data`` every token of the
+training rows, prompts and responses (harmless, harmful and normal) alike; with ``prompts`` only those
+of the training prompts and the normal data's prompts. The responses' words (the harm words, the
+refusal's, the facts' colours and places) are often what attacks append, which is why the data pool
+holds them. WPN's default is the prompts' pool on the toy world, where beside the tamper term's
+disturbed targets (``--tamper_prompt_noise``) it is what meets seed 7's targets, and the data pool
+elsewhere, as at the toy world's earlier defaults, which your models' follow (README, "The efficacy
+table", compares them).
 
 With ``wrap`` (``--prompt_noise_wrap``) a disturbed prompt also gets, with that probability, a run of
 pool tokens before its text or after it (either side alike), as long as the text at most twice:

@@ -42,7 +42,7 @@ def with_values(args: list, **values) -> list:
 # The toy world's WPN defaults before the tamper term was tuned into them (README, "What the tables
 # say"): the "wpn earlier" rows, each changing one thing from them, spell them out.
 EARLIER = ["--lr", "5e-4", "--retention_weight", "4", "--tamper_weight", "0", "--tamper_lr", "5e-4",
-           "--prompt_noise_wrap", "0"]
+           "--prompt_noise_wrap", "0", "--prompt_noise_pool", "data", "--no_tamper_prompt_noise"]
 # The paper-literal N-pair loss (at the earlier defaults' lr).
 NPAIR_ONLY = ["--positive_lm_weight", "0", "--retain_weight", "0", "--recovery_cuts", "0", "--prompt_noise", "0",
               "--retention_weight", "0", "--frozen_side", "none", "--tamper_weight", "0", "--lr", "5e-4",
@@ -68,14 +68,13 @@ ABLATION = {
     "wpn pooling=mean": ["--pooling", "mean"],
     "wpn layer=1": ["--representation_layer", "1"],
     "wpn frozen_side=none": ["--frozen_side", "none"],  # both sides of the N-pair term trained
-    # The simulated attack's target rows with the step's disturbed prompts too (seed 7's unseen phrasing).
-    "wpn tamper_prompt_noise=1": ["--tamper_prompt_noise", "true"],
-    # ... with more retention (seed 7's QA) and every disturbed prompt wrapped (its random-suffix answers).
-    "wpn tamper_prompt_noise=1 retention=15 prompt_noise_wrap=1":
-        ["--tamper_prompt_noise", "true", "--retention_weight", "15", "--prompt_noise_wrap", "1"],
-    # The noise drawn from the prompts' tokens only, alone and with the attack's targets disturbed.
-    "wpn prompt_noise_pool=prompts": ["--prompt_noise_pool", "prompts"],
-    "wpn tamper_prompt_noise=1 prompt_noise_pool=prompts": ["--tamper_prompt_noise", "true", "--prompt_noise_pool", "prompts"],
+    # The defaults before they moved to the attack's targets disturbed and the noise from the prompts' tokens,
+    # then each of those two alone, and a candidate toward seed 7 that did not beat them.
+    "wpn tamper_prompt_noise=0 prompt_noise_pool=data": ["--no_tamper_prompt_noise", "--prompt_noise_pool", "data"],
+    "wpn tamper_prompt_noise=0": ["--no_tamper_prompt_noise"],
+    "wpn prompt_noise_pool=data": ["--prompt_noise_pool", "data"],
+    "wpn prompt_noise_pool=data retention=15 prompt_noise_wrap=1":
+        ["--prompt_noise_pool", "data", "--retention_weight", "15", "--prompt_noise_wrap", "1"],
     "wpn earlier": EARLIER,
     "wpn earlier npair=0": EARLIER + ["--npair_weight", "0"],
     "wpn earlier recovery_cuts=0": EARLIER + ["--recovery_cuts", "0"],
@@ -85,7 +84,7 @@ ABLATION = {
     "wpn earlier retention=1": with_values(EARLIER, retention_weight=1),
     "wpn earlier prompt_noise=0": EARLIER + ["--prompt_noise", "0"],
     "wpn earlier prompt_noise=0.2": EARLIER + ["--prompt_noise", "0.2"],
-    "wpn earlier prompt_noise_pool=prompts": EARLIER + ["--prompt_noise_pool", "prompts"],
+    "wpn earlier prompt_noise_pool=prompts": with_values(EARLIER, prompt_noise_pool="prompts"),
     "wpn earlier prompt_noise_wrap=0.5": with_values(EARLIER, prompt_noise_wrap=0.5),
     "wpn earlier retention=3": with_values(EARLIER, retention_weight=3),
     "wpn earlier retain=0": EARLIER + ["--retain_weight", "0"],
@@ -129,7 +128,8 @@ ABLATION = {
     # the defaults' N-pair term alone
     "wpn npair only frozen_side=candidates": with_values(NPAIR_ONLY, frozen_side="candidates"),
     "wpn npair only retention=1": with_values(NPAIR_ONLY, retention_weight=1),  # with the regulariser against collapse
-    "wpn npair only retention=1 prompt_noise=0.4": with_values(NPAIR_ONLY, retention_weight=1, prompt_noise=0.4),
+    "wpn npair only retention=1 prompt_noise=0.4":
+        with_values(NPAIR_ONLY, retention_weight=1, prompt_noise=0.4) + ["--prompt_noise_pool", "data"],
     "wpn npair only layer=1": NPAIR_ONLY + ["--representation_layer", "1"],
 }
 # Reference rows run with --ablation too: sft with the same recovery augmentation as WPN's default, so

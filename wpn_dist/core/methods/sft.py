@@ -19,7 +19,7 @@ class SFTOptions:
         "help": "sft with --sft_recovery_cuts: evenly spaced cuts, or cuts drawn afresh every step (as WPN's "
                 "--recovery_depths)."})
     sft_prompt_noise: float = field(default=0.0, metadata={
-        "help": "sft: prompt noise, as WPN's --prompt_noise with its default pool (0: prompts as written)."})
+        "help": "sft: prompt noise, as WPN's --prompt_noise with --prompt_noise_pool data (0: prompts as written)."})
 
     def __post_init__(self):
         if self.sft_retain_weight < 0 or self.sft_recovery_cuts < 0:

@@ -85,12 +85,12 @@ class WPNOptions:
                 "and appended words; measured on the toy world only. 0: prompts as written. Default: 0.4 when "
                 "there is normal data (the toy world has its own), else 0: without a retain term it makes the "
                 "toy model refuse the normal questions too (README, the efficacy table)."})
-    prompt_noise_pool: Literal["data", "prompts"] = field(default="data", metadata={
+    prompt_noise_pool: Optional[Literal["data", "prompts"]] = field(default=None, metadata={
         "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
-                "responses (data, the default), or of the prompts only. Our choice, on the toy world: at its "
-                "earlier defaults the data pool did better on seed 0; at its defaults both meet every target on "
-                "seeds 0-6, and beside --tamper_prompt_noise the prompts' pool is what meets seed 7 (README, the "
-                "efficacy table)."})
+                "responses (data), or of the prompts only (prompts). Our choice, from the toy benchmark: default "
+                "prompts on the toy world (beside --tamper_prompt_noise it is what meets every target on seed 7), else "
+                "data (at the earlier toy defaults, which the defaults for your own data follow, the data pool kept "
+                "more QA on seed 0; README, the efficacy table)."})
     prompt_noise_wrap: Optional[float] = field(default=None, metadata={
         "help": "WPN with --prompt_noise: the probability that a disturbed prompt is also wrapped, a run of the "
                 "pool's tokens put before or after its text (our choice; wpn_dist.app.prompt_noise). 0: no wrap. "
@@ -117,13 +117,11 @@ class WPNOptions:
                 "benchmark's relearning attack), else 5e-4."})
     tamper_batch_size: int = field(default=16, metadata={
         "help": "WPN with --tamper_weight: rows per step of the simulated attack and of its target loss."})
-    tamper_prompt_noise: bool = field(default=False, metadata={
+    tamper_prompt_noise: bool = field(default=True, metadata={
         "help": "WPN with --tamper_weight and --prompt_noise: the simulated attack's target rows (harmless answers "
                 "at the attacked weights) get the step's disturbed prompts as well, not only the prompts as "
-                "written (our choice, off by default: on the toy world it carries seed 7's unseen phrasing but "
-                "costs QA there; with --prompt_noise_pool prompts as well every WPN target is met on seeds 0-9, "
-                "the best setting measured there, which the toy world's defaults have not yet moved to; "
-                "README, the efficacy table)."})
+                "written (our choice; --no_tamper_prompt_noise: as written). On the toy world, with the prompts' "
+                "noise pool, it is what meets every WPN target on seeds 0-9 (README, the efficacy table)."})
     representation_layer: int = field(default=-1, metadata={
         "help": "WPN: which hidden state the N-pair terms pool (an index into output_hidden_states: -1 the last, "
                 "which the LM head reads; a middle layer is our choice)."})
@@ -188,10 +186,13 @@ class WPNOptions:
             self.retention_weight = 10.0 if toy_world else 4.0 if normal else 0.0
         if self.prompt_noise is None:
             self.prompt_noise = 0.4 if normal else 0.0
-        # The tamper term and the wrap were tuned on the toy world, where they are on by default; on a real
-        # model the tamper term's whole-model copy costs memory and about 4 times the step time.
+        # The tamper term, the wrap and the prompts' pool were tuned on the toy world, where they are on by
+        # default; on a real model the tamper term's whole-model copy costs memory and about 4 times the step
+        # time, and the data pool is the earlier defaults' (README, "Defaults").
         if self.prompt_noise_wrap is None:
             self.prompt_noise_wrap = 0.5 if toy_world else 0.0
+        if self.prompt_noise_pool is None:
+            self.prompt_noise_pool = "prompts" if toy_world else "data"
         if self.tamper_weight is None:
             self.tamper_weight = 1.0 if toy_world else 0.0
         if self.tamper_lr is None:
@@ -215,7 +216,8 @@ class WPN(Method):
 
     def batch_options(self) -> dict:
         return {"recovery_cuts": self.options.recovery_cuts or 0, "recovery_depths": self.options.recovery_depths,
-                "prompt_noise": self.options.prompt_noise or 0.0, "prompt_noise_pool": self.options.prompt_noise_pool,
+                "prompt_noise": self.options.prompt_noise or 0.0,
+                "prompt_noise_pool": self.options.prompt_noise_pool or "data",  # unresolved options: the data pool
                 "prompt_noise_wrap": self.options.prompt_noise_wrap or 0.0}
 
     def needs_reference(self) -> bool:
