@@ -162,5 +162,4 @@ def test_the_tuned_defaults_are_the_toy_worlds_only():
     off = resolved_config(["--method", "wpn", "--no_tamper_prompt_noise", "--prompt_noise_pool", "data"])["method"]
     assert (off["tamper_prompt_noise"], off["prompt_noise_pool"]) == (False, "data")
     # The toy world's lr is WPN's own (tuned with the term); the other methods keep theirs.
-    from wpn_dist.bench.toybench import resolved_config
     assert [resolved_config(["--method", m])["train"]["lr"] for m in ("wpn", "sft", "ga")] == [3.5e-4, 5e-4, 5e-4]

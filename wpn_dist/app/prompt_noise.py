@@ -18,7 +18,7 @@ of the training prompts and the normal data's prompts. The responses' words (the
 refusal's, the facts' colours and places) are often what attacks append, which is why the data pool
 holds them. WPN's default is the prompts' pool on the toy world, where beside the tamper term's
 disturbed targets (``--tamper_prompt_noise``) it is what meets seed 7's targets, and the data pool
-elsewhere, as at the toy world's earlier defaults, which your models' follow (README, "The efficacy
+elsewhere, as at the toy world's earlier defaults, which your models follow (README, "The efficacy
 table", compares them).
 
 With ``wrap`` (``--prompt_noise_wrap``) a disturbed prompt also gets, with that probability, a run of

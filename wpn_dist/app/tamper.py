@@ -15,8 +15,8 @@ parameter in fp32), so the term is for models that fit one device beside the eng
 ZeRO-3 the engine's partitions are gathered into it once a step. Rows of one ``group`` (a JSONL row's
 optional "group" field: the toy world's topic) always fall on the same side of the split, so the attack
 never shows a target's own harmful content, as in the benchmark. With ``--tamper_prompt_noise`` (WPN's
-default) the target rows are read with the step's disturbed prompts (the batch maker's prompt noise), as the step's
-own terms read them; the attack's harmful pairs stay as written.
+default) the target rows are read with the step's disturbed prompts (the batch maker's prompt noise), as
+the step's own terms read them; the attack's harmful pairs stay as written.
 """
 import random
 

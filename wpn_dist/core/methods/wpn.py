@@ -87,10 +87,10 @@ class WPNOptions:
                 "toy model refuse the normal questions too (README, the efficacy table)."})
     prompt_noise_pool: Optional[Literal["data", "prompts"]] = field(default=None, metadata={
         "help": "WPN with --prompt_noise: the tokens the noise draws: every token of the training rows, prompts and "
-                "responses (data), or of the prompts only (prompts). Our choice, from the toy benchmark: default "
-                "prompts on the toy world (beside --tamper_prompt_noise it is what meets every target on seed 7), else "
-                "data (at the earlier toy defaults, which the defaults for your own data follow, the data pool kept "
-                "more QA on seed 0; README, the efficacy table)."})
+                "responses (data), or of the prompts only (prompts). Our choice, from the toy benchmark: "
+                "default prompts on the toy world (beside --tamper_prompt_noise it is what meets every target "
+                "on seed 7), else data (at the earlier toy defaults, which the defaults for your own data "
+                "follow, the data pool kept more QA on seed 0; README, the efficacy table)."})
     prompt_noise_wrap: Optional[float] = field(default=None, metadata={
         "help": "WPN with --prompt_noise: the probability that a disturbed prompt is also wrapped, a run of the "
                 "pool's tokens put before or after its text (our choice; wpn_dist.app.prompt_noise). 0: no wrap. "
