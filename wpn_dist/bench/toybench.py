@@ -128,6 +128,9 @@ ABLATION = {
     # the defaults' N-pair term alone
     "wpn npair only frozen_side=candidates": with_values(NPAIR_ONLY, frozen_side="candidates"),
     "wpn npair only retention=1": with_values(NPAIR_ONLY, retention_weight=1),  # with the regulariser against collapse
+    # the defaults' N-pair term alone with the regulariser
+    "wpn npair only retention=1 frozen_side=candidates":
+        with_values(NPAIR_ONLY, retention_weight=1, frozen_side="candidates"),
     "wpn npair only retention=1 prompt_noise=0.4":
         with_values(NPAIR_ONLY, retention_weight=1, prompt_noise=0.4) + ["--prompt_noise_pool", "data"],
     "wpn npair only layer=1": NPAIR_ONLY + ["--representation_layer", "1"],
