@@ -37,7 +37,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, []) or action.required or "default" in text.lower() \
+        if action.default in (None, [], "") or action.required or "default" in text.lower() \
                 or isinstance(action, argparse._StoreConstAction):  # --no_X: its default is X's
             return text
         return super()._get_help_string(action)

@@ -68,6 +68,17 @@ ABLATION = {
     "wpn pooling=mean": ["--pooling", "mean"],
     "wpn layer=1": ["--representation_layer", "1"],
     "wpn frozen_side=none": ["--frozen_side", "none"],  # both sides of the N-pair term trained
+    # The choices the earlier defaults' ablation measured and these had not, and the N-pair loss's own.
+    "wpn frozen_side=anchor": ["--frozen_side", "anchor"],
+    "wpn pooling=last": ["--pooling", "last"],
+    "wpn anchor=generation": ["--anchor", "generation"],
+    "wpn recovery_depths=even": ["--recovery_depths", "even"],
+    "wpn forget=0.05": ["--forget_weight", "0.05"],
+    "wpn similarity=dot": ["--similarity", "dot"],
+    "wpn temperature=0.5": ["--temperature", "0.5"],
+    "wpn global_negatives=0": ["--no_global_negatives"],
+    "wpn retain_loss=kl": ["--retain_loss", "kl"],
+    "wpn tamper_steps=50": ["--tamper_steps", "50"],  # a simulated attack as long as the longer relearning one
     # The defaults before they moved to the attack's targets disturbed and the noise from the prompts' tokens,
     # then each of those two alone, and a candidate toward seed 7 that did not beat them.
     "wpn tamper_prompt_noise=0 prompt_noise_pool=data": ["--no_tamper_prompt_noise", "--prompt_noise_pool", "data"],
@@ -458,7 +469,9 @@ class ToybenchOptions:
     oracle: bool = field(default=True, metadata={
         "help": "Also implant and evaluate the retrain oracle and the refusal oracle."})
     eval_every: int = field(default=20, metadata={"help": "Steps between in-training ID evaluations."})
-    train_args: str = field(default="", metadata={"help": "Extra options for every train.py run (one quoted string)."})
+    train_args: str = field(default="", metadata={
+        "help": "Extra options for every train.py run (one quoted string; a lone flag takes '=', as in "
+                "--train_args=--no_global_negatives, or argparse reads it as an option of its own)."})
     plots: bool = field(default=True, metadata={
         "help": "Write results.png (needs matplotlib, the [bench] extra; --no_plots: without it)."})
 
