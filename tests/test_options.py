@@ -81,6 +81,7 @@ def test_help_lists_config(tool, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--config FILE" in out and "usage:" in out
+    assert "(default: )" not in " ".join(out.split()), "an empty default is shown"
 
 
 TOOL_COMMANDS = {  # the command line, the required options, the first words of its one error line
