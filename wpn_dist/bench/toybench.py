@@ -78,7 +78,9 @@ ABLATION = {
     "wpn temperature=0.5": ["--temperature", "0.5"],
     "wpn global_negatives=0": ["--no_global_negatives"],
     "wpn retain_loss=kl": ["--retain_loss", "kl"],
-    "wpn retain_loss=kl temperature=0.5": ["--retain_loss", "kl", "--temperature", "0.5"],  # the two that kept QA
+    # Two changes: the two rows above that kept every question on seed 0, together (README, "The question
+    # seeds 6 and 7 lose").
+    "wpn retain_loss=kl temperature=0.5": ["--retain_loss", "kl", "--temperature", "0.5"],
     "wpn tamper_steps=50": ["--tamper_steps", "50"],  # a simulated attack as long as the longer relearning one
     # The defaults before they moved to the attack's targets disturbed and the noise from the prompts' tokens,
     # then each of those two alone, and a candidate toward seed 7 that did not beat them.
